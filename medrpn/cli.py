@@ -1,0 +1,104 @@
+"""The ``medrpn`` command.
+
+``medrpn fit|validate|test|predict`` are Lightning CLI subcommands driven by YAML configs
+(``medrpn fit --config configs/demo.yaml``); ``medrpn synth`` writes the built-in synthetic
+dataset; ``medrpn infer`` runs batch inference over scan folders; ``medrpn anchors analyze|plan``
+inspects and plans anchor sets. The CLI only parses arguments and calls the same functions the
+tests and notebooks call.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+USAGE = """usage: medrpn <command> [options]
+
+commands:
+  synth      write the built-in synthetic chest-CT lesion dataset (NIfTI, DICOM, annotations)
+  fit        train a detector from a YAML config (Lightning CLI)
+  validate   evaluate a checkpoint on the validation split (FROC/CPM table)
+  test       evaluate a checkpoint on the test split
+  predict    run prediction through Lightning with the prediction writer
+  infer      batch inference over folders of scans, writing overlays for review
+  anchors    anchor coverage analysis and planning
+
+`medrpn <command> --help` shows the options of a command.
+"""
+
+
+class MedrpnCLI(LightningCLI):
+    """LightningCLI with medrpn's links and defaults.
+
+    Preprocessing settings are linked from the datamodule into the model, so the checkpoint carries
+    exactly what the training data went through; the best checkpoint is kept by validation CPM.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Links between data and model, and the checkpoint callback."""
+        for src, dst in (
+            ("data.spacing_mm", "model.preprocessing.spacing_mm"),
+            ("data.intensity", "model.preprocessing.intensity"),
+            ("data.ct_window", "model.preprocessing.ct_window"),
+            ("data.orientation", "model.preprocessing.orientation"),
+            ("data.slice_context", "model.preprocessing.slice_context"),
+        ):
+            parser.link_arguments(src, dst)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/cpm",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:03d}-cpm{val/cpm:.3f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+
+def lightning_main(args: Sequence[str]) -> int:
+    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    from medrpn.data.datamodule import LesionDataModule
+    from medrpn.module import LesionDetectionModule
+
+    MedrpnCLI(
+        LesionDetectionModule,
+        LesionDataModule,
+        args=list(args),
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "medrpn", "default_env": False},
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch a ``medrpn`` subcommand.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        Process exit status.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "synth":
+        from medrpn.data.synthetic import main as synth_main
+
+        return synth_main(rest)
+    if command in LIGHTNING_COMMANDS:
+        return lightning_main(args)
+    print(f"medrpn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

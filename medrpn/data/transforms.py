@@ -1,0 +1,370 @@
+"""MONAI pipelines for training, validation and prediction, with boxes that follow the image.
+
+Box flow: datalists hold **world boxes** (LPS mm, StandardMode). Orientation and spacing change only
+the image and its affine — world boxes are invariant — so :class:`WorldBoxToImaged` converts them to
+voxel-edge **image boxes** once, with the final affine (see :mod:`medrpn.geometry`). After that,
+crops, flips, 90-degree rotations and zoom are MONAI's detection box transforms, which move image and
+boxes together. Predictions go back to the world with :func:`medrpn.geometry.image_to_world_boxes` and
+the affine of the preprocessed image.
+
+Pipelines:
+
+- :func:`preprocessing` (deterministic, cached by the datamodule): load -> orientation (RAS axes) ->
+  resample to ``spacing_mm`` -> intensity preset -> world boxes to image boxes.
+- :func:`train_augmentation` (random): 3D — pad to the patch size, positive/negative balanced patch
+  sampling (scans without lesions give random patches), flips, in-plane 90-degree rotations, zoom,
+  clip boxes to the patch; 2D — :class:`RandSliceSampled` draws axial slices (lesion slices and
+  others, optionally with ``slice_context`` neighbours on each side as extra channels, "2.5D"),
+  then the same 2D augmentations.
+
+Intensity presets: ``"ct"`` — clip HU to a window and scale to [0, 1]; ``"mr"`` — z-score over the
+body (voxels above 5% of the robust maximum), clipped to [-5, 5]; ``"none"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.apps.detection.transforms.dictionary import (
+    ClipBoxToImaged,
+    RandCropBoxByPosNegLabeld,
+    RandFlipBoxd,
+    RandRotateBox90d,
+    RandZoomBoxd,
+)
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    Orientationd,
+    RandomizableTransform,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from medrpn.data.errors import InvalidImageError, ScanError
+from medrpn.geometry import world_to_image_boxes
+
+IntensityPreset = Literal["ct", "mr", "none"]
+
+
+class BoxOutsideImageError(ScanError):
+    """A ground-truth box lies entirely outside its image (wrong coordinates or wrong image)."""
+
+
+class LoadScand(MapTransform):
+    """Load a scan with :func:`medrpn.data.io.load_scan` (DICOM series/file, NIfTI, MHD/MHA, NRRD).
+
+    Args:
+        keys: keys holding paths; replaced by ``MetaTensor`` ``(1, X, Y[, Z])`` with RAS affines.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medrpn.data.io import load_scan
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = load_scan(d[key])
+        return d
+
+
+class WorldBoxToImaged(MapTransform):
+    """World boxes (LPS mm) -> voxel-edge image boxes of the reference image, using its affine.
+
+    Boxes partly outside the image are clipped to it; a box entirely outside raises
+    :class:`BoxOutsideImageError` naming the scan.
+
+    Args:
+        box_keys: keys of ``(M, 2*D)`` world boxes.
+        label_keys: keys of per-box arrays filtered together with the boxes.
+        box_ref_image_key: key of the image the boxes belong to.
+    """
+
+    def __init__(
+        self,
+        box_keys: KeysCollection,
+        label_keys: KeysCollection,
+        box_ref_image_key: str,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(box_keys, allow_missing_keys)
+        self.label_keys: tuple[Hashable, ...] = (
+            (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)  # type: ignore[arg-type]
+        )
+        self.ref = box_ref_image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.ref]
+        spatial = [int(s) for s in image.shape[1:]]
+        dims = len(spatial)
+        source = str(image.meta.get("filename_or_obj", "image")) if isinstance(image, MetaTensor) else "image"
+        for key in self.key_iterator(d):
+            world = np.asarray(d[key], dtype=np.float64).reshape(-1, 2 * dims)
+            boxes = world_to_image_boxes(world, np.asarray(image.affine)).float()
+            size = torch.tensor(spatial, dtype=torch.float32)
+            inside = (boxes[:, dims:] > 0).all(dim=1) & (boxes[:, :dims] < size).all(dim=1)
+            if not bool(inside.all()):
+                bad = world[~inside.numpy()][0].round(2).tolist()
+                raise BoxOutsideImageError(source, f"box {bad} (LPS mm) lies entirely outside the image")
+            boxes = torch.minimum(torch.clamp(boxes, min=0.0), size.repeat(2))
+            d[key] = boxes
+            for lk in self.label_keys:
+                if lk in d:
+                    d[lk] = torch.as_tensor(np.asarray(d[lk]), dtype=torch.long).reshape(-1)
+        return d
+
+
+class NormalizeOverBodyd(MapTransform):
+    """MR intensity: z-score over the body (voxels above 5% of the 99.5th percentile), clipped to [-5, 5]."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            arr = torch.as_tensor(img).float()
+            top = torch.quantile(arr.flatten()[:: max(1, arr.numel() // 1_000_000)], 0.995)
+            body = arr > 0.05 * top
+            if int(body.sum()) < 2:
+                raise InvalidImageError(str(getattr(img, "meta", {}).get("filename_or_obj", key)), "no body voxels")
+            mean, std = arr[body].mean(), arr[body].std().clamp(min=1e-6)
+            out = ((arr - mean) / std).clamp(-5.0, 5.0)
+            d[key] = MetaTensor(out, meta=img.meta, affine=img.affine) if isinstance(img, MetaTensor) else out
+        return d
+
+
+def intensity_transform(
+    preset: IntensityPreset, keys: KeysCollection = "image", ct_window: Sequence[float] = (-1000.0, 500.0)
+) -> MapTransform | None:
+    """The intensity preset as a MONAI transform (``None`` for ``"none"``).
+
+    Args:
+        preset: ``"ct"``, ``"mr"`` or ``"none"``.
+        keys: image keys.
+        ct_window: HU range mapped to [0, 1] for CT (values outside are clipped).
+
+    Raises:
+        ValueError: unknown preset or an empty window.
+    """
+    if preset == "ct":
+        lo, hi = float(ct_window[0]), float(ct_window[1])
+        if not lo < hi:
+            raise ValueError(f"ct_window must be (low, high) with low < high, got {list(ct_window)}")
+        return ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if preset == "mr":
+        return NormalizeOverBodyd(keys)
+    if preset == "none":
+        return None
+    raise ValueError(f"intensity preset must be 'ct', 'mr' or 'none', got {preset!r}")
+
+
+def preprocessing(
+    *,
+    spacing_mm: Sequence[float] | None,
+    intensity: IntensityPreset = "ct",
+    ct_window: Sequence[float] = (-1000.0, 500.0),
+    orientation: str | None = "RAS",
+    with_boxes: bool = True,
+    load: bool = True,
+) -> Compose:
+    """Deterministic part of every pipeline (cacheable).
+
+    Args:
+        spacing_mm: target voxel spacing per axis (``None``: keep the scan's spacing).
+        intensity: intensity preset.
+        ct_window: HU window of the CT preset.
+        orientation: axis codes to reorient to (``None``: keep).
+        with_boxes: convert ``box`` (world) to image coordinates and ``label`` to a tensor.
+        load: start with :class:`LoadScand` (``False`` when ``image`` is already a MetaTensor).
+
+    Returns:
+        A MONAI ``Compose`` over dictionaries with keys ``image`` (and ``box``, ``label``).
+    """
+    ts: list[Any] = []
+    if load:
+        ts.append(LoadScand("image"))
+    ts.append(EnsureTyped("image", dtype=torch.float32, track_meta=True))
+    if orientation:
+        ts.append(Orientationd("image", axcodes=orientation, labels=None))
+    if spacing_mm is not None:
+        ts.append(Spacingd("image", pixdim=tuple(float(s) for s in spacing_mm), mode="bilinear", padding_mode="border"))
+    t = intensity_transform(intensity, "image", ct_window)
+    if t is not None:
+        ts.append(t)
+    if with_boxes:
+        ts.append(WorldBoxToImaged("box", "label", "image"))
+    return Compose(ts)
+
+
+class RandCropBoxesd(RandomizableTransform, MapTransform):
+    """Positive/negative balanced patch sampling that also accepts scans without lesions.
+
+    With boxes: MONAI's ``RandCropBoxByPosNegLabeld`` (a positive patch contains a whole box when it
+    fits). Without boxes: random patches (``RandSpatialCropSamplesd``). The image must already be at
+    least ``patch_size`` (pad first). Returns a list of patches, or one dict when ``num_samples == 1``
+    (so it can follow a transform that already returned a list, as in the 2D pipeline).
+
+    Args:
+        patch_size: ``D`` ints.
+        num_samples: patches per scan.
+        positive_fraction: probability that a patch is centred to contain a lesion.
+    """
+
+    def __init__(self, patch_size: Sequence[int], num_samples: int, positive_fraction: float) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, ["image", "box", "label"])
+        if not 0.0 <= positive_fraction <= 1.0:
+            raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        pos, neg = positive_fraction, 1.0 - positive_fraction
+        self.with_boxes = RandCropBoxByPosNegLabeld(
+            image_keys="image",
+            box_keys="box",
+            label_keys="label",
+            spatial_size=list(patch_size),
+            whole_box=True,
+            num_samples=num_samples,
+            pos=pos if pos > 0 else 1e-6,
+            neg=neg,
+        )
+        self.without_boxes = RandSpatialCropSamplesd(
+            "image", roi_size=list(patch_size), num_samples=num_samples, random_size=False
+        )
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandCropBoxesd:
+        super().set_random_state(seed, state)
+        self.with_boxes.set_random_state(seed, self.R)
+        self.without_boxes.set_random_state(seed, self.R)
+        return self
+
+    def __call__(  # type: ignore[override]
+        self, data: Mapping[Hashable, Any]
+    ) -> list[dict[Hashable, Any]] | dict[Hashable, Any]:
+        """Crop ``num_samples`` patches (a single dict when ``num_samples == 1``)."""
+        d = dict(data)
+        out = self.without_boxes(d) if len(d["box"]) == 0 else self.with_boxes(d)
+        patches = [dict(o) for o in out]
+        return patches[0] if len(patches) == 1 else patches
+
+
+class RandSliceSampled(RandomizableTransform, MapTransform):
+    """2D training samples from a 3D volume: axial slices along the last axis, with 2.5D context.
+
+    A slice is positive when it crosses a box (its centre ``k + 0.5`` lies within the box's z range);
+    its 2D boxes are the in-plane extents of those boxes. ``positive_fraction`` of the samples are
+    positive slices when the scan has lesions; the rest are random slices. With ``context = k`` the
+    ``k`` neighbours on each side become extra channels (edges replicated): ``(2k + 1, X, Y)``.
+
+    Args:
+        num_samples: slices per scan.
+        positive_fraction: share of lesion slices.
+        context: neighbouring slices on each side.
+    """
+
+    def __init__(self, num_samples: int, positive_fraction: float = 0.5, context: int = 0) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, ["image", "box", "label"])
+        self.num_samples = num_samples
+        self.positive_fraction = positive_fraction
+        self.context = context
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:  # type: ignore[override]
+        d = dict(data)
+        image, boxes, labels = d["image"], torch.as_tensor(d["box"]), torch.as_tensor(d["label"])
+        depth = int(image.shape[-1])
+        centres = torch.arange(depth, dtype=torch.float32) + 0.5
+        covers = (boxes[:, None, 2] <= centres[None]) & (boxes[:, None, 5] > centres[None])  # (M, Z)
+        positive_slices = torch.nonzero(covers.any(dim=0)).squeeze(1).tolist()
+        out = []
+        for _ in range(self.num_samples):
+            if positive_slices and self.R.rand() < self.positive_fraction:
+                k = int(positive_slices[self.R.randint(len(positive_slices))])
+            else:
+                k = int(self.R.randint(depth))
+            out.append(slice_sample(d, k, self.context, covers[:, k], boxes, labels))
+        return out
+
+
+def slice_sample(
+    d: Mapping[Hashable, Any], k: int, context: int, box_mask: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
+) -> dict[Hashable, Any]:
+    """One 2D sample: slice ``k`` with ``context`` neighbours as channels and the in-plane boxes crossing it.
+
+    Args:
+        d: the 3D item (``image`` ``(1, X, Y, Z)``).
+        k: slice index.
+        context: neighbours per side.
+        box_mask: ``(M,)`` which boxes cross slice ``k``.
+        boxes: ``(M, 6)`` image boxes.
+        labels: ``(M,)``.
+
+    Returns:
+        A 2D item: ``image`` ``(2*context + 1, X, Y)``, ``box`` ``(M_k, 4)``, ``label`` ``(M_k,)``, ``slice_index``.
+    """
+    image = d["image"]
+    depth = int(image.shape[-1])
+    idx = [min(max(k + o, 0), depth - 1) for o in range(-context, context + 1)]
+    arr = torch.as_tensor(image)[0][..., idx].permute(2, 0, 1).contiguous()  # (2c+1, X, Y)
+    b = boxes[box_mask]
+    item = {key: v for key, v in d.items() if key not in ("image", "box", "label")}
+    item.update(
+        image=MetaTensor(arr),
+        box=torch.cat([b[:, 0:2], b[:, 3:5]], dim=1),
+        label=labels[box_mask],
+        slice_index=k,
+    )
+    return item
+
+
+def train_augmentation(
+    *,
+    spatial_dims: int,
+    patch_size: Sequence[int],
+    samples_per_scan: int = 4,
+    positive_fraction: float = 0.5,
+    slice_context: int = 0,
+    flip_prob: float = 0.5,
+    rot90_prob: float = 0.5,
+    zoom_prob: float = 0.2,
+) -> Compose:
+    """Random part of the training pipeline (runs every epoch on the cached volumes).
+
+    Args:
+        spatial_dims: 3 for volume patches, 2 for slices sampled from volumes.
+        patch_size: ``spatial_dims`` ints.
+        samples_per_scan: patches (3D) or slices (2D) drawn per scan per epoch.
+        positive_fraction: share of samples that contain a lesion.
+        slice_context: 2D only: neighbouring slices per side as extra channels.
+        flip_prob: probability of a flip, per axis.
+        rot90_prob: probability of an in-plane 90-degree rotation (square in-plane patches keep their size).
+        zoom_prob: probability of a random zoom in [0.85, 1.15] (size kept).
+
+    Returns:
+        A Compose that turns one cached item into a list of ``samples_per_scan`` samples.
+    """
+    if len(patch_size) != spatial_dims:
+        raise ValueError(f"patch_size needs {spatial_dims} values, got {list(patch_size)}")
+    ts: list[Any] = []
+    if spatial_dims == 2:
+        ts.append(RandSliceSampled(samples_per_scan, positive_fraction, slice_context))
+        ts.append(SpatialPadd("image", spatial_size=list(patch_size), method="end"))
+        ts.append(RandCropBoxesd(patch_size, 1, positive_fraction=1.0))
+    else:
+        ts.append(SpatialPadd("image", spatial_size=list(patch_size), method="end"))
+        ts.append(RandCropBoxesd(patch_size, samples_per_scan, positive_fraction))
+    for axis in range(spatial_dims):
+        ts.append(RandFlipBoxd("image", "box", "image", prob=flip_prob, spatial_axis=axis))
+    if patch_size[0] == patch_size[1]:
+        ts.append(RandRotateBox90d("image", "box", "image", prob=rot90_prob, max_k=3, spatial_axes=(0, 1)))
+    ts.append(RandZoomBoxd("image", "box", "image", prob=zoom_prob, min_zoom=0.85, max_zoom=1.15, keep_size=True))
+    ts.append(ClipBoxToImaged(box_keys="box", label_keys="label", box_ref_image_keys="image", remove_empty=True))
+    return Compose(ts)

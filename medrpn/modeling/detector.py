@@ -1,0 +1,238 @@
+"""``LesionDetector``: backbone + FPN -> RPN -> RoIAlign -> lesion head, 2D or 3D.
+
+The detector only holds networks and runs them; losses live in :mod:`medrpn.training`, whole-scan
+tiling in :mod:`medrpn.inference.whole_scan`. In **RPN-only mode** there is no lesion head: the
+proposals, scored by objectness, are the final output (one "lesion" class).
+
+Shapes: ``B`` images; input ``(B, C_in, X, Y)`` in 2D or ``(B, C_in, X, Y, Z)`` in 3D; boxes in
+voxel-edge image coordinates of the input (see :mod:`medrpn.geometry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medrpn.modeling.anchors import AnchorGenerator
+from medrpn.modeling.backbone import ResNetFPN
+from medrpn.modeling.lesion_head import LesionHead
+from medrpn.modeling.rpn import ObjectnessMode, RegionProposalNetwork
+from medrpn.modeling.structures import Detections, RPNOutput
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    """RPN settings (Faster R-CNN paper defaults for 2D).
+
+    Attributes:
+        objectness: ``"sigmoid"`` (1 logit per anchor) or ``"softmax"`` (2 logits per anchor).
+        pre_nms_top_k_train: candidates per level before NMS in training.
+        post_nms_top_k_train: proposals per image in training.
+        pre_nms_top_k_test: candidates per level before NMS at inference.
+        post_nms_top_k_test: proposals per image at inference.
+        nms_iou: NMS IoU threshold.
+        min_size: minimum proposal extent in voxels.
+        box_coder_weights: ``2*D`` delta weights (default all ones).
+    """
+
+    objectness: ObjectnessMode = "sigmoid"
+    pre_nms_top_k_train: int = 2000
+    post_nms_top_k_train: int = 2000
+    pre_nms_top_k_test: int = 1000
+    post_nms_top_k_test: int = 300
+    nms_iou: float = 0.7
+    min_size: float = 1e-3
+    box_coder_weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Lesion-head settings.
+
+    Attributes:
+        roi_size: pooled size per axis.
+        sampling_ratio: RoIAlign samples per bin and axis.
+        representation_size: MLP width.
+        score_threshold: minimum lesion probability of a detection.
+        nms_iou: class-agnostic NMS threshold of detections.
+        max_detections: detections per image.
+    """
+
+    roi_size: int | tuple[int, ...] = 7
+    sampling_ratio: int = 2
+    representation_size: int = 256
+    score_threshold: float = 0.05
+    nms_iou: float = 0.3
+    max_detections: int = 100
+
+
+RPN_DEFAULT = RPNConfig()
+HEAD_DEFAULT = HeadConfig()
+
+
+class LesionDetector(nn.Module):
+    """Two-stage lesion detector (Faster R-CNN style) with an RPN-only mode.
+
+    Args:
+        backbone: encoder + FPN exposing ``spatial_dims``, ``out_channels`` and ``strides``.
+        anchor_generator: fixed anchors, one entry per FPN level.
+        num_classes: foreground lesion classes (background not counted).
+        rpn: RPN settings.
+        head: lesion-head settings.
+        rpn_only: no lesion head; proposals are the output.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: ResNetFPN,
+        anchor_generator: AnchorGenerator,
+        num_classes: int = 3,
+        rpn: RPNConfig = RPN_DEFAULT,
+        head: HeadConfig = HEAD_DEFAULT,
+        rpn_only: bool = False,
+    ) -> None:
+        super().__init__()
+        rpn = RPNConfig(**rpn) if isinstance(rpn, dict) else rpn
+        head = HeadConfig(**head) if isinstance(head, dict) else head
+        d = backbone.spatial_dims
+        if anchor_generator.spatial_dims != d:
+            raise ValueError(f"the backbone is {d}D but the anchors are {anchor_generator.spatial_dims}D")
+        if anchor_generator.num_levels != backbone.num_levels:
+            raise ValueError(
+                f"the anchors define {anchor_generator.num_levels} FPN levels but the backbone returns "
+                f"{backbone.num_levels}"
+            )
+        self.spec: dict[str, Any] = {
+            "backbone": dict(backbone.spec),
+            "anchor_generator": dict(anchor_generator.spec),
+            "num_classes": num_classes,
+            "rpn": asdict(rpn),
+            "head": asdict(head),
+            "rpn_only": rpn_only,
+        }
+        """Plain-data description of the whole detector (see :meth:`from_spec`); stored in checkpoints."""
+        self.spatial_dims = d
+        self.num_classes = 1 if rpn_only else num_classes
+        self.rpn_only = rpn_only
+        self.backbone = backbone
+        self.rpn = RegionProposalNetwork(
+            spatial_dims=d,
+            in_channels=backbone.out_channels,
+            anchor_generator=anchor_generator,
+            objectness=rpn.objectness,
+            box_coder_weights=rpn.box_coder_weights,
+            pre_nms_top_k_train=rpn.pre_nms_top_k_train,
+            post_nms_top_k_train=rpn.post_nms_top_k_train,
+            pre_nms_top_k_test=rpn.pre_nms_top_k_test,
+            post_nms_top_k_test=rpn.post_nms_top_k_test,
+            nms_iou=rpn.nms_iou,
+            min_size=rpn.min_size,
+        )
+        self.head: LesionHead | None = None
+        if not rpn_only:
+            self.head = LesionHead(
+                spatial_dims=d,
+                in_channels=backbone.out_channels,
+                num_classes=num_classes,
+                roi_size=head.roi_size if isinstance(head.roi_size, int) else tuple(head.roi_size),
+                sampling_ratio=head.sampling_ratio,
+                representation_size=head.representation_size,
+                score_threshold=head.score_threshold,
+                nms_iou=head.nms_iou,
+                max_detections=head.max_detections,
+            )
+        self.max_detections = head.max_detections
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> LesionDetector:
+        """Rebuild a detector (untrained) from :attr:`spec` — plain data only, no unpickling."""
+        return cls(
+            backbone=ResNetFPN(**spec["backbone"]),
+            anchor_generator=AnchorGenerator(**spec["anchor_generator"]),
+            num_classes=int(spec["num_classes"]),
+            rpn=RPNConfig(**_tuples(spec["rpn"])),
+            head=HeadConfig(**_tuples(spec["head"])),
+            rpn_only=bool(spec["rpn_only"]),
+        )
+
+    @property
+    def strides(self) -> list[tuple[int, ...]]:
+        """Per FPN level, the per-axis stride."""
+        return self.backbone.strides
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the network input."""
+        return int(self.backbone.in_channels)
+
+    def features_and_proposals(self, images: Tensor) -> tuple[list[Tensor], RPNOutput]:
+        """Run the backbone and the RPN.
+
+        Args:
+            images: ``(B, C_in, X, Y)`` or ``(B, C_in, X, Y, Z)``.
+
+        Returns:
+            FPN features per level and the RPN output (proposals detached).
+        """
+        if images.ndim != self.spatial_dims + 2:
+            raise ValueError(f"expected a ({self.spatial_dims + 2})-dim batch, got shape {tuple(images.shape)}")
+        features = self.backbone(images)
+        out = self.rpn(features, self.strides, images.shape[2:])
+        return features, out
+
+    def forward(self, images: Tensor) -> list[Detections]:
+        """Detect lesions (use in eval mode).
+
+        Args:
+            images: ``(B, C_in, X, Y)`` in 2D or ``(B, C_in, X, Y, Z)`` in 3D.
+
+        Returns:
+            ``B`` :class:`Detections` in image coordinates, sorted by score.
+        """
+        features, out = self.features_and_proposals(images)
+        return self.forward_from(features, out)
+
+    def forward_from(self, features: Sequence[Tensor], out: RPNOutput) -> list[Detections]:
+        """Second stage from already computed features and RPN output (see :meth:`forward`).
+
+        Args:
+            features: per level ``(B, C, *grid_l)``.
+            out: the RPN output for the same batch.
+
+        Returns:
+            ``B`` :class:`Detections`.
+        """
+        k = self.max_detections
+        if self.head is None:
+            return [
+                Detections(
+                    boxes=p.boxes[:k],
+                    scores=p.scores[:k],
+                    labels=torch.zeros(min(len(p), k), dtype=torch.long, device=p.boxes.device),
+                    class_probs=p.scores[:k, None],
+                    objectness=p.scores[:k],
+                )
+                for p in out.proposals
+            ]
+        logits, deltas = self.head(features, [p.boxes for p in out.proposals], self.strides)
+        return self.head.postprocess(logits, deltas, out.proposals, out.image_shape)
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def padded_shape(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Smallest shape >= ``shape`` divisible by the coarsest stride on every axis."""
+    coarsest = [max(s[a] for s in strides) for a in range(len(shape))]
+    return tuple(-(-int(n) // c) * c for n, c in zip(shape, coarsest))

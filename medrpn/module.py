@@ -1,0 +1,435 @@
+"""``LesionDetectionModule``: the LightningModule that trains and validates a :class:`LesionDetector`.
+
+Training: RPN loss (matching + sampling + objectness/box terms) and, unless the detector is
+RPN-only, the lesion head's loss on RoIs sampled from the detached proposals plus the ground truth.
+Every loss term is logged by name (``train/loss_rpn_objectness``, ``train/loss_rpn_box``,
+``train/loss_head_class``, ``train/loss_head_box``, ``train/loss``).
+
+Validation runs on whole scans with the same code as batch inference
+(:func:`medrpn.inference.whole_scan.detect_scan`), converts detections to world millimetres, and
+reports: FROC sensitivity at 1/8..8 false positives per scan and CPM (LUNA16 centre-in-radius hit
+rule), AP@0.1 and mAP over IoU 0.1-0.5, RPN proposal recall at 10/50/100/300, and for the lesion
+head per-class AP and a class confusion matrix. A FROC curve PNG is written into the run's log
+folder at every validation, and the table is printed at the end of ``validate``/``test``.
+
+The module keeps, in its hyperparameters, everything inference needs (preprocessing, tiling,
+class names), and :meth:`on_save_checkpoint` also stores it as plain data under
+``medrpn_inference`` so a checkpoint can be loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+
+from medrpn.evaluation.froc import FROCResult, ScanCandidates, ScanLesions, compute_froc
+from medrpn.evaluation.metrics import class_confusion, detection_map, per_class_ap, proposal_recall
+from medrpn.evaluation.plots import plot_froc
+from medrpn.geometry import image_to_world_boxes
+from medrpn.inference.whole_scan import WholeScanConfig, detect_scan
+from medrpn.modeling.detector import LesionDetector
+from medrpn.training.losses import RPNLoss
+from medrpn.training.matching import AnchorMatcher, ATSSMatcher, IoUMatcher
+from medrpn.training.roi_targets import RoISampler, lesion_head_loss
+from medrpn.training.sampling import BalancedSampler, HardNegativeSampler, Sampler
+
+
+@dataclass(frozen=True)
+class RPNTrainingConfig:
+    """How RPN targets are assigned (Faster R-CNN 2D defaults; 3D configs loosen the thresholds).
+
+    Attributes:
+        matcher: ``"iou"`` (thresholds + ignore band + low-quality matches) or ``"atss"`` (MONAI).
+        positive_iou: IoU >= this is positive.
+        negative_iou: IoU < this is negative (between: ignored).
+        atss_candidates: ATSS candidates per level and anchor shape.
+        anchors_per_image: anchors sampled per image.
+        positive_fraction: maximum fraction of positives among them.
+        hard_negatives: sample negatives among the highest-scoring ones (MONAI's HardNegativeSampler).
+        box_loss: ``"smooth_l1"`` or ``"giou"``.
+        objectness_weight: weight of ``loss_rpn_objectness``.
+        box_weight: weight of ``loss_rpn_box``.
+    """
+
+    matcher: Literal["iou", "atss"] = "iou"
+    positive_iou: float = 0.7
+    negative_iou: float = 0.3
+    atss_candidates: int = 4
+    anchors_per_image: int = 256
+    positive_fraction: float = 0.5
+    hard_negatives: bool = False
+    box_loss: Literal["smooth_l1", "giou"] = "smooth_l1"
+    objectness_weight: float = 1.0
+    box_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class HeadTrainingConfig:
+    """How RoIs are sampled for the lesion head (Faster R-CNN 2D: 512 RoIs, 25% positives at IoU >= 0.5).
+
+    Attributes:
+        positive_iou: IoU >= this: the lesion's class.
+        negative_iou: IoU < this: background (default: ``positive_iou``).
+        rois_per_image: RoIs sampled per image.
+        positive_fraction: maximum fraction of positives.
+        class_weight: weight of ``loss_head_class``.
+        box_weight: weight of ``loss_head_box``.
+    """
+
+    positive_iou: float = 0.5
+    negative_iou: float | None = None
+    rois_per_image: int = 512
+    positive_fraction: float = 0.25
+    class_weight: float = 1.0
+    box_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """What inference must do to a scan before the network sees it (stored in checkpoints).
+
+    Usually linked from the datamodule by the CLI, so training and inference cannot disagree.
+    """
+
+    spacing_mm: tuple[float, ...] = (1.5, 1.5, 1.5)
+    intensity: Literal["ct", "mr", "none"] = "ct"
+    ct_window: tuple[float, ...] = (-1000.0, 500.0)
+    orientation: str = "RAS"
+    slice_context: int = 0
+
+
+RPN_TRAINING_DEFAULT = RPNTrainingConfig()
+HEAD_TRAINING_DEFAULT = HeadTrainingConfig()
+PREPROCESSING_DEFAULT = PreprocessingConfig()
+WHOLE_SCAN_DEFAULT = WholeScanConfig()
+
+
+def _coerce(cls: type[Any], value: Any) -> Any:
+    """A dataclass instance from ``None`` (defaults), a dict (from a checkpoint) or an instance."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    return value
+
+
+def _plain_data(value: Any) -> Any:
+    """Dataclasses, tuples and paths -> dicts, lists and strings (recursively)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain_data(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_data(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None or isinstance(value, torch.Tensor):
+        return value
+    return str(value)
+
+
+class LesionDetectionModule(pl.LightningModule):
+    """Trains and validates a lesion detector.
+
+    Args:
+        detector: the model (injected; the CLI builds it from the config).
+        optimizer: optimizer factory (``OptimizerCallable``).
+        lr_scheduler: optional scheduler factory.
+        rpn_training: RPN target assignment.
+        head_training: lesion-head RoI sampling.
+        inference: whole-scan tiling/merging used by validation and batch inference.
+        preprocessing: preprocessing inference must apply (linked from the datamodule).
+        class_names: name of every lesion class id (``len == detector.num_classes`` unless RPN-only).
+        recall_ks: proposal counts of the recall metric.
+        froc_plot: write a FROC PNG into the log folder at every validation.
+    """
+
+    def __init__(
+        self,
+        *,
+        detector: LesionDetector,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        rpn_training: RPNTrainingConfig = RPN_TRAINING_DEFAULT,
+        head_training: HeadTrainingConfig = HEAD_TRAINING_DEFAULT,
+        inference: WholeScanConfig = WHOLE_SCAN_DEFAULT,
+        preprocessing: PreprocessingConfig = PREPROCESSING_DEFAULT,
+        class_names: Sequence[str] = ("solid", "ground-glass", "part-solid"),
+        recall_ks: Sequence[int] = (10, 50, 100, 300),
+        froc_plot: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["detector", "optimizer", "lr_scheduler"])
+        self.detector = detector
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.rpn_cfg = _coerce(RPNTrainingConfig, rpn_training)
+        self.head_cfg = _coerce(HeadTrainingConfig, head_training)
+        self.inference_cfg = _coerce(WholeScanConfig, inference)
+        self.preprocessing_cfg = _coerce(PreprocessingConfig, preprocessing)
+        if not detector.rpn_only and len(class_names) != detector.num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} names but the detector has {detector.num_classes} lesion classes"
+            )
+        self.class_names = list(class_names) if not detector.rpn_only else ["lesion"]
+        self.recall_ks = tuple(int(k) for k in recall_ks)
+        self.froc_plot = froc_plot
+        self.rpn_loss = RPNLoss(
+            matcher=self._matcher(),
+            sampler=self._sampler(),
+            box_loss=self.rpn_cfg.box_loss,
+            objectness_weight=self.rpn_cfg.objectness_weight,
+            box_weight=self.rpn_cfg.box_weight,
+        )
+        self.roi_sampler = RoISampler(
+            positive_iou=self.head_cfg.positive_iou,
+            negative_iou=self.head_cfg.negative_iou,
+            rois_per_image=self.head_cfg.rois_per_image,
+            positive_fraction=self.head_cfg.positive_fraction,
+        )
+        self._val_outputs: list[dict[str, Any]] = []
+        self.last_froc: FROCResult | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def _matcher(self) -> AnchorMatcher:
+        c = self.rpn_cfg
+        if c.matcher == "atss":
+            return ATSSMatcher(num_candidates=c.atss_candidates)
+        if c.matcher != "iou":
+            raise ValueError(f"rpn_training.matcher must be 'iou' or 'atss', got {c.matcher!r}")
+        return IoUMatcher(positive_threshold=c.positive_iou, negative_threshold=c.negative_iou)
+
+    def _sampler(self) -> Sampler:
+        c = self.rpn_cfg
+        if c.hard_negatives:
+            return HardNegativeSampler(batch_size_per_image=c.anchors_per_image, positive_fraction=c.positive_fraction)
+        return BalancedSampler(batch_size_per_image=c.anchors_per_image, positive_fraction=c.positive_fraction)
+
+    # ------------------------------------------------------------------ training
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """All named loss terms of a training batch and their sum under ``"loss"``.
+
+        Args:
+            batch: ``image`` ``(B, C, *patch)``; ``box``: list of ``(M_b, 2*D)`` image boxes;
+                ``label``: list of ``(M_b,)`` class ids.
+
+        Returns:
+            Loss terms by name.
+        """
+        images = batch["image"]
+        gt_boxes = [b.to(images.device) for b in batch["box"]]
+        gt_labels = [lab.to(images.device) for lab in batch["label"]]
+        features, out = self.detector.features_and_proposals(images)
+        terms = self.rpn_loss(out, gt_boxes, self.detector.rpn.box_coder, self.detector.rpn.num_anchors).as_dict()
+        if self.detector.head is not None:
+            targets = self.roi_sampler([p.detach() for p in out.proposals], gt_boxes, gt_labels)
+            logits, deltas = self.detector.head(features, [t.rois for t in targets], self.detector.strides)
+            head = lesion_head_loss(
+                logits,
+                deltas,
+                targets,
+                self.detector.head.box_coder,
+                class_weight=self.head_cfg.class_weight,
+                box_weight=self.head_cfg.box_weight,
+            )
+            terms.update(head.as_dict())
+        terms["loss"] = torch.stack(list(terms.values())).sum()
+        return terms
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One optimisation step; logs every loss term."""
+        terms = self.compute_losses(batch)
+        bs = int(batch["image"].shape[0])
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs, prog_bar=False)
+        self.log("loss", terms["loss"].detach(), prog_bar=True, batch_size=bs, logger=False)
+        return terms["loss"]
+
+    def configure_optimizers(self) -> Any:
+        """Optimizer (and scheduler) from the injected factories."""
+        opt = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ validation
+    def detect(self, volume: torch.Tensor):  # type: ignore[no-untyped-def]
+        """Whole-scan detection with this module's inference settings (see :func:`detect_scan`)."""
+        return detect_scan(self.detector, volume, self.inference_cfg, context=self.preprocessing_cfg.slice_context)
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        was_training = self.detector.training
+        result = self.detect(batch["image"])
+        self.detector.train(was_training)
+        affine = batch["affine"].cpu()
+        dets = result.detections
+        world = image_to_world_boxes(dets.boxes.cpu().double(), affine).numpy()
+        props_world = image_to_world_boxes(result.proposals.boxes.cpu().double(), affine).numpy()
+        gt_world = batch["world_box"].cpu().numpy().reshape(-1, world.shape[1] if world.size else 6)
+        self._val_outputs.append(
+            {
+                "case_id": batch["case_id"] or batch["source"],
+                "boxes": world,
+                "scores": dets.scores.cpu().numpy(),
+                "labels": dets.labels.cpu().numpy(),
+                "proposals": props_world,
+                "gt": gt_world,
+                "gt_labels": batch["label"].cpu().numpy(),
+            }
+        )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Detect on one whole scan and keep the results for the epoch metrics."""
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Same as validation, on the test split."""
+        self._eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the collected outputs."""
+        self._val_outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        """Reset the collected outputs."""
+        self._val_outputs = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Compute and log FROC/CPM, AP, recall and class metrics."""
+        self._finish_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Compute and log the test metrics."""
+        self._finish_epoch("test")
+
+    def _gather(self) -> list[dict[str, Any]]:
+        outputs = self._val_outputs
+        if self.trainer is not None and self.trainer.world_size > 1:
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        seen: dict[str, dict[str, Any]] = {}
+        for o in outputs:  # a distributed sampler may repeat scans to even out ranks
+            seen.setdefault(o["case_id"], o)
+        return list(seen.values())
+
+    def _finish_epoch(self, prefix: str) -> None:
+        outputs = self._gather()
+        metrics = evaluate_scans(outputs, self.class_names, self.recall_ks)
+        self.last_metrics = metrics.scalars
+        self.last_froc = metrics.froc
+        if metrics.scalars:
+            self.log_dict(
+                {f"{prefix}/{k}": v for k, v in metrics.scalars.items()}, sync_dist=False, rank_zero_only=True
+            )
+        if metrics.froc is None:
+            rank_zero_info(f"{prefix}: no lesions in the {prefix} scans; FROC/CPM undefined")
+            return
+        if self.trainer is not None and self.trainer.is_global_zero:
+            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            if self.froc_plot and not self.trainer.sanity_checking:
+                step = self.trainer.global_step
+                plot_froc(
+                    metrics.froc, log_dir / "froc" / f"{prefix}_froc_step{step:06d}.png", title=f"FROC ({prefix})"
+                )
+            if self.trainer.state.fn in ("validate", "test"):
+                rank_zero_info(metrics.report(prefix))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what inference needs as plain data (readable with ``weights_only=True``)."""
+        checkpoint["medrpn_inference"] = {
+            "format": 1,
+            "detector": self.detector.spec,
+            "preprocessing": asdict(self.preprocessing_cfg),
+            "inference": asdict(self.inference_cfg),
+            "class_names": list(self.class_names),
+            "spatial_dims": self.detector.spatial_dims,
+        }
+        # dataclasses -> dicts, so the whole file loads with torch.load(weights_only=True)
+        checkpoint["hyper_parameters"] = _plain_data(dict(checkpoint.get("hyper_parameters", {})))
+
+
+@dataclass
+class ScanMetrics:
+    """Epoch metrics over whole scans."""
+
+    scalars: dict[str, float]
+    froc: FROCResult | None
+    confusion: np.ndarray | None
+    class_names: list[str]
+
+    def report(self, prefix: str) -> str:
+        """A human-readable report: FROC table, detection and recall metrics, confusion matrix."""
+        lines = [f"== {prefix} ({len(self.class_names)} lesion classes) ==", ""]
+        if self.froc is not None:
+            lines += [self.froc.table(), ""]
+        for k, v in self.scalars.items():
+            if not k.startswith("sens@"):
+                lines.append(f"{k:>24}: {v:.4f}")
+        if self.confusion is not None:
+            names = [*self.class_names, "FP/missed"]
+            lines += ["", "confusion (rows: true class + FP row; columns: predicted class + missed):"]
+            lines.append(" " * 14 + "".join(f"{n[:12]:>13}" for n in names))
+            for n, row in zip(names, self.confusion):
+                lines.append(f"{n[:12]:>14}" + "".join(f"{int(v):>13d}" for v in row))
+        return "\n".join(lines)
+
+
+def evaluate_scans(
+    outputs: Sequence[dict[str, Any]], class_names: Sequence[str], recall_ks: Sequence[int]
+) -> ScanMetrics:
+    """Metrics over whole scans (world mm boxes).
+
+    Args:
+        outputs: per scan ``case_id``, ``boxes`` ``(K, 2D)``, ``scores``, ``labels``, ``proposals`` (sorted),
+            ``gt`` ``(M, 2D)``, ``gt_labels``.
+        class_names: lesion class names.
+        recall_ks: proposal counts for recall.
+
+    Returns:
+        :class:`ScanMetrics` (FROC ``None`` when there is no lesion at all).
+    """
+    if not outputs or sum(len(o["gt"]) for o in outputs) == 0:
+        return ScanMetrics({}, None, None, list(class_names))
+    cands = [ScanCandidates.from_boxes(o["case_id"], o["boxes"], np.clip(o["scores"], 0, None)) for o in outputs]
+    lesions = [ScanLesions.from_boxes(o["case_id"], o["gt"]) for o in outputs]
+    froc = compute_froc(cands, lesions)
+    scalars: dict[str, float] = {"cpm": float(froc.cpm)}
+    for rate, sens in zip(froc.fp_rates, froc.sensitivities):
+        scalars[f"sens@{rate:g}fp"] = float(sens)
+    maps = detection_map([o["boxes"] for o in outputs], [o["scores"] for o in outputs], [o["gt"] for o in outputs])
+    scalars.update({k: float(v) for k, v in maps.items()})
+    recall = proposal_recall(
+        [o["proposals"] for o in outputs], [o["gt"] for o in outputs], ks=recall_ks, iou_threshold=0.1
+    )
+    scalars.update({f"rpn_recall@{k}": float(v) for k, v in recall.items()})
+    confusion = None
+    if len(class_names) > 1:
+        pcap = per_class_ap(
+            [o["boxes"] for o in outputs],
+            [o["labels"] for o in outputs],
+            [o["scores"] for o in outputs],
+            [o["gt"] for o in outputs],
+            [o["gt_labels"] for o in outputs],
+            num_classes=len(class_names),
+            iou_threshold=0.1,
+            class_names=list(class_names),
+        )
+        scalars.update({f"AP@0.1/{k}": float(v) for k, v in pcap.items() if not math.isnan(v)})
+        confusion = class_confusion(
+            [o["boxes"] for o in outputs],
+            [o["labels"] for o in outputs],
+            [o["gt"] for o in outputs],
+            [o["gt_labels"] for o in outputs],
+            len(class_names),
+            pred_scores=[o["scores"] for o in outputs],
+            score_threshold=0.5,
+            iou_threshold=0.1,
+        )
+    return ScanMetrics(scalars, froc, confusion, list(class_names))

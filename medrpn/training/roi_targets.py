@@ -1,0 +1,160 @@
+"""Training targets and loss of the lesion head (second stage).
+
+RoIs for the head are sampled per image from the (detached) RPN proposals **plus the ground-truth
+boxes** (so the head sees perfect positives from the first step on): IoU >= ``positive_iou`` with a
+lesion -> that lesion's class; IoU < ``negative_iou`` -> background; in between ignored. A balanced
+sampler keeps ``rois_per_image`` RoIs with up to ``positive_fraction`` positives (Faster R-CNN 2D:
+512 RoIs, 25% positives at IoU >= 0.5; small 3D lesions need looser thresholds, set in the 3D config).
+
+Loss terms (named): ``loss_head_class`` — cross-entropy over ``C + 1`` classes (0 = background) on the
+sampled RoIs; ``loss_head_box`` — smooth L1 between the deltas predicted for the true class and the
+encoded ground truth, on positives, divided by the number of sampled RoIs (torchvision's
+``fastrcnn_loss``). Assignment runs without gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.apps.detection.utils.box_coder import BoxCoder
+from torch import Tensor
+
+from medrpn.modeling.structures import MatchResult, Proposals
+from medrpn.training.matching import IoUMatcher
+from medrpn.training.sampling import BalancedSampler
+
+
+@dataclass
+class RoITargets:
+    """Sampled RoIs of one image and their targets.
+
+    Attributes:
+        rois: ``(S, 2*D)`` sampled boxes (image coordinates).
+        classes: ``(S,)`` int64 target in ``0..C`` with 0 = background, ``c + 1`` = lesion class ``c``.
+        gt_boxes: ``(S, 2*D)`` matched ground-truth boxes (meaningful where ``classes > 0``).
+    """
+
+    rois: Tensor
+    classes: Tensor
+    gt_boxes: Tensor
+
+
+@dataclass
+class HeadLossTerms:
+    """The lesion head's named loss terms (weighted)."""
+
+    classification: Tensor
+    box: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        """Sum of the terms."""
+        return self.classification + self.box
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """Terms by their logged names."""
+        return {"loss_head_class": self.classification, "loss_head_box": self.box}
+
+
+class RoISampler:
+    """Matches proposals (+ ground truth) to lesions and samples a balanced set of RoIs.
+
+    Args:
+        positive_iou: IoU at or above which a RoI is a lesion example (2D default 0.5).
+        negative_iou: IoU below which a RoI is background (default = ``positive_iou``: no ignore band).
+        rois_per_image: RoIs sampled per image.
+        positive_fraction: maximum fraction of positives.
+        add_gt_as_proposals: append the ground-truth boxes to the proposals.
+    """
+
+    def __init__(
+        self,
+        *,
+        positive_iou: float = 0.5,
+        negative_iou: float | None = None,
+        rois_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        add_gt_as_proposals: bool = True,
+    ) -> None:
+        neg = positive_iou if negative_iou is None else negative_iou
+        self.matcher = IoUMatcher(
+            positive_threshold=positive_iou, negative_threshold=neg, allow_low_quality_matches=False
+        )
+        self.sampler = BalancedSampler(batch_size_per_image=rois_per_image, positive_fraction=positive_fraction)
+        self.add_gt_as_proposals = add_gt_as_proposals
+
+    @torch.no_grad()
+    def __call__(
+        self, proposals: Sequence[Proposals], gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]
+    ) -> list[RoITargets]:
+        """Sample RoIs for every image.
+
+        Args:
+            proposals: ``B`` per-image proposals (detached).
+            gt_boxes: per image ``(M_b, 2*D)`` boxes.
+            gt_labels: per image ``(M_b,)`` 0-based lesion class ids.
+
+        Returns:
+            ``B`` :class:`RoITargets`.
+        """
+        out = []
+        for p, gt, lab in zip(proposals, gt_boxes, gt_labels):
+            gt = gt.to(p.boxes)
+            rois = torch.cat([p.boxes, gt]) if self.add_gt_as_proposals else p.boxes
+            match = self.matcher(gt, rois)
+            pos, neg = self.sampler(match.labels)
+            keep = pos | neg
+            classes = torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
+            if gt.shape[0]:
+                classes = torch.where(
+                    match.labels == MatchResult.POSITIVE, lab.to(rois.device).long()[match.matched_gt] + 1, classes
+                )
+                matched = gt[match.matched_gt]
+            else:
+                matched = torch.zeros_like(rois)
+            out.append(RoITargets(rois=rois[keep], classes=classes[keep], gt_boxes=matched[keep]))
+        return out
+
+
+def lesion_head_loss(
+    logits: Tensor,
+    deltas: Tensor,
+    targets: Sequence[RoITargets],
+    coder: BoxCoder,
+    *,
+    smooth_l1_beta: float = 1.0 / 9.0,
+    class_weight: float = 1.0,
+    box_weight: float = 1.0,
+) -> HeadLossTerms:
+    """Loss of the lesion head on sampled RoIs.
+
+    Args:
+        logits: ``(S, C + 1)`` for the concatenated sampled RoIs of all images.
+        deltas: ``(S, C, 2*D)``.
+        targets: the per-image targets the RoIs came from.
+        coder: the head's box coder.
+        smooth_l1_beta: smooth L1 transition point.
+        class_weight: weight of ``loss_head_class``.
+        box_weight: weight of ``loss_head_box``.
+
+    Returns:
+        :class:`HeadLossTerms`.
+    """
+    classes = torch.cat([t.classes for t in targets])
+    if classes.numel() == 0:
+        zero = logits.sum() * 0.0
+        return HeadLossTerms(zero, deltas.sum() * 0.0)
+    cls_loss = F.cross_entropy(logits, classes)
+    pos = torch.nonzero(classes > 0).squeeze(1)
+    if pos.numel() == 0:
+        return HeadLossTerms(class_weight * cls_loss, deltas.sum() * 0.0)
+    with torch.no_grad():
+        rois = torch.cat([t.rois for t in targets])
+        gts = torch.cat([t.gt_boxes for t in targets])
+        reg_target = coder.encode_single(gts[pos].float(), rois[pos].float())
+    pred = deltas[pos, classes[pos] - 1]
+    box_loss = F.smooth_l1_loss(pred, reg_target.to(pred), beta=smooth_l1_beta, reduction="sum") / classes.numel()
+    return HeadLossTerms(class_weight * cls_loss, box_weight * box_loss)
