@@ -19,9 +19,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
+LINT_PATHS := medrpn tests $(wildcard benchmarks/*.py)
+
 lint: setup
-	$(BIN)/ruff check medrpn tests benchmarks
-	$(BIN)/ruff format --check medrpn tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: setup
 	$(BIN)/mypy
