@@ -73,7 +73,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_fit_smoke_losses_decrease_and_proposals_are_well_formed(tmp_path: Path, tiny_data: Path) -> None:
-    args = _tiny_args(tmp_path, tiny_data) + ["--trainer.max_steps=40", "--trainer.check_val_every_n_epoch=1000"]
+    args = [*_tiny_args(tmp_path, tiny_data), "--trainer.max_steps=40", "--trainer.check_val_every_n_epoch=1000"]
     assert main(["fit", *args]) == 0
     rows = list(csv.DictReader((tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -106,7 +106,8 @@ def test_fit_smoke_losses_decrease_and_proposals_are_well_formed(tmp_path: Path,
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path: Path, tiny_data: Path) -> None:
-    args = _tiny_args(tmp_path, tiny_data) + [
+    args = [
+        *_tiny_args(tmp_path, tiny_data),
         "--trainer.max_steps=3",
         "--trainer.check_val_every_n_epoch=1000",
         "--trainer.accelerator=cpu",
