@@ -7,8 +7,6 @@ then moved over the target with :func:`os.replace`, so a reader never sees a hal
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medrpn.evaluation.froc import LUNA16_FP_RATES, FROCResult
+from medrpn.overlays.atomic import atomic_path
 
 __all__ = ["plot_confusion", "plot_froc"]
 
@@ -30,20 +29,11 @@ def _fraction_label(rate: float) -> str:
 
 
 def _save_atomic(fig: Figure, path: Path | str, dpi: int) -> Path:
-    """Render ``fig`` as PNG to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Render ``fig`` as PNG to ``path`` atomically (:func:`medrpn.overlays.atomic.atomic_path`)."""
     FigureCanvasAgg(fig)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0o600
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
 
 
 def plot_froc(

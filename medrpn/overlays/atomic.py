@@ -32,6 +32,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be read by viewers and colleagues
         os.replace(tmp, final)
     finally:
         if tmp.exists():
