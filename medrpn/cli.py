@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from medrpn.inference.writer import ScanPredictionWriter
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 USAGE = """usage: medrpn <command> [options]
@@ -37,6 +39,8 @@ class MedrpnCLI(LightningCLI):
 
     Preprocessing settings are linked from the datamodule into the model, so the checkpoint carries
     exactly what the training data went through; the best checkpoint is kept by validation CPM.
+    ``predict`` writes through :class:`ScanPredictionWriter` (``--prediction_writer.output_dir OUT``),
+    the same per-scan outputs as ``medrpn infer``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -50,6 +54,9 @@ class MedrpnCLI(LightningCLI):
         ):
             parser.link_arguments(src, dst)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ScanPredictionWriter, "prediction_writer")
+        parser.link_arguments("prediction_writer.output_dir", "data.predict_output")
+        parser.link_arguments("prediction_writer.overwrite", "data.predict_overwrite")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/cpm",
@@ -96,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return synth_main(rest)
     if command in LIGHTNING_COMMANDS:
         return lightning_main(args)
+    if command == "infer":
+        from medrpn.inference.batch import infer_main
+
+        return infer_main(rest)
     print(f"medrpn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

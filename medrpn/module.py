@@ -341,6 +341,25 @@ class LesionDetectionModule(pl.LightningModule):
             if self.trainer.state.fn in ("validate", "test"):
                 rank_zero_info(metrics.report(prefix))
 
+    # ------------------------------------------------------------------ prediction
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Whole-scan prediction of one loaded scan, with the same code as ``medrpn infer``.
+
+        Args:
+            batch: a ``LoadedScan`` (or a ``ScanFailure`` from discovery/loading, passed through).
+
+        Returns:
+            A ``ScanPrediction`` for :class:`medrpn.inference.writer.ScanPredictionWriter`, or a ``ScanFailure``.
+        """
+        from medrpn.inference.batch import ScanFailure, describe_exception, predict_scan
+
+        if isinstance(batch, ScanFailure):
+            return batch
+        try:
+            return predict_scan(self, batch)
+        except Exception as exc:  # one bad scan must not stop the batch: it becomes a failures.csv row
+            return ScanFailure(batch.scan.relative_source, describe_exception(exc))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store what inference needs as plain data (readable with ``weights_only=True``)."""
         checkpoint["medrpn_inference"] = {

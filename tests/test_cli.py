@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,6 +105,32 @@ def test_fit_smoke_losses_decrease_and_proposals_are_well_formed(tmp_path: Path,
         assert (boxes[:, :3] >= 0).all() and (boxes[:, 3:] <= size).all()
         assert ((scores >= 0) & (scores <= 1)).all()
     assert (result.detections.scores[:-1] >= result.detections.scores[1:]).all()
+
+    # `medrpn predict` (Lightning + prediction writer) and `medrpn infer` write the same findings
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(sorted((tiny_data.parent / "nifti").glob("*.nii.gz"))[0], scans)
+    out_predict, out_infer = tmp_path / "predicted", tmp_path / "inferred"
+    predict_args = [
+        *_tiny_args(tmp_path, tiny_data),
+        f"--ckpt_path={ckpt}",
+        f"--data.predict_inputs=[{scans}]",
+        f"--prediction_writer.output_dir={out_predict}",
+    ]
+    assert main(["predict", *predict_args]) == 0
+    assert (
+        main(["infer", "--checkpoint", str(ckpt), "--input", str(scans), "--output", str(out_infer), "--no-progress"])
+        == 0
+    )
+    predicted = sorted(p.relative_to(out_predict) for p in out_predict.rglob("proposals.json"))
+    inferred = sorted(p.relative_to(out_infer) for p in out_infer.rglob("proposals.json"))
+    assert predicted == inferred and len(predicted) == 1
+    for rel in predicted:
+        a = json.loads((out_predict / rel).read_text())
+        b = json.loads((out_infer / rel).read_text())
+        np.testing.assert_allclose(a["box"], b["box"], atol=1e-4)
+        np.testing.assert_allclose(a["label_scores"], b["label_scores"], atol=1e-5)
+    assert (out_predict / "candidates.csv").read_text() == (out_infer / "candidates.csv").read_text()
 
 
 @pytest.mark.slow

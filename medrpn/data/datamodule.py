@@ -100,6 +100,9 @@ class LesionDataModule(pl.LightningDataModule):
         test_key: split used for testing (falls back to ``val_key``).
         augment: random flips/rotations/zoom in training.
         limit_val_scans: use only the first N validation scans (None: all).
+        predict_inputs: folders/files of scans for ``predict`` (DICOM series, NIfTI, MHD/MHA, NRRD; recursive).
+        predict_output: output root of ``predict`` (linked from ``--prediction_writer.output_dir`` by the CLI).
+        predict_overwrite: redo scans whose outputs already exist.
     """
 
     def __init__(
@@ -125,6 +128,9 @@ class LesionDataModule(pl.LightningDataModule):
         test_key: str = "test",
         augment: bool = True,
         limit_val_scans: int | None = None,
+        predict_inputs: Sequence[str] = (),
+        predict_output: str | None = None,
+        predict_overwrite: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -154,7 +160,10 @@ class LesionDataModule(pl.LightningDataModule):
         self.keys = {"fit": train_key, "validate": val_key, "test": test_key}
         self.augment = augment
         self.limit_val_scans = limit_val_scans
-        self._datasets: dict[str, Dataset] = {}
+        self.predict_inputs = [str(p) for p in predict_inputs]
+        self.predict_output = predict_output
+        self.predict_overwrite = predict_overwrite
+        self._datasets: dict[str, Any] = {}
 
     @property
     def in_channels(self) -> int:
@@ -231,6 +240,24 @@ class LesionDataModule(pl.LightningDataModule):
             self._datasets["val"] = self._cached(items, pre, "val")
         if stage == "test" and "test" not in self._datasets:
             self._datasets["test"] = self._cached(self._items(self.keys["test"]), pre, "test")
+        if stage == "predict":
+            self._datasets["predict"] = self._predict_dataset()
+
+    def _predict_dataset(self) -> torch.utils.data.Dataset:
+        """Scans found under ``predict_inputs`` (finished ones skipped unless ``predict_overwrite``)."""
+        from medrpn.inference.batch import PreprocessingSpec, ScanFailure, plan_batch
+
+        if not self.predict_inputs or self.predict_output is None:
+            raise ValueError("predict needs --data.predict_inputs [DIR, ...] and --prediction_writer.output_dir OUT")
+        plan = plan_batch(self.predict_inputs, self.predict_output, overwrite=self.predict_overwrite)
+        spec = PreprocessingSpec(
+            spacing_mm=self.spacing_mm,
+            intensity=self.intensity,
+            ct_window=self.ct_window,
+            orientation=self.orientation,
+        )
+        failures = [ScanFailure(src, reason) for src, reason in plan.failures]
+        return _PredictDataset([*failures, *plan.todo], spec)
 
     def train_dataloader(self) -> MonaiDataLoader:
         """Random patches/slices, ``batch_size * samples_per_scan`` per batch."""
@@ -255,3 +282,30 @@ class LesionDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> MonaiDataLoader:
         """Whole preprocessed test scans, one per batch."""
         return self._scan_loader("test")
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        """One loaded scan (or a discovery failure) per batch; Lightning shards it across devices."""
+        return torch.utils.data.DataLoader(
+            self._datasets["predict"], batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=_first
+        )
+
+
+def _first(batch: Sequence[Any]) -> Any:
+    return batch[0]
+
+
+class _PredictDataset(torch.utils.data.Dataset):
+    """Loads and preprocesses one planned scan per item (errors become ``ScanFailure`` rows, never raise)."""
+
+    def __init__(self, items: Sequence[Any], spec: Any) -> None:
+        self.items = list(items)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        from medrpn.inference.batch import PlannedScan, try_prepare_scan
+
+        item = self.items[index]
+        return try_prepare_scan(item, self.spec) if isinstance(item, PlannedScan) else item
