@@ -107,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from medrpn.inference.batch import infer_main
 
         return infer_main(rest)
+    if command == "anchors":
+        from medrpn.anchors_planning import anchors_main
+
+        return anchors_main(rest)
     print(f"medrpn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -213,6 +213,23 @@ class LesionDetectionModule(pl.LightningModule):
         return BalancedSampler(batch_size_per_image=c.anchors_per_image, positive_fraction=c.positive_fraction)
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        """Before fitting, plan ``anchors: auto`` from the training split (no-op for explicit anchors)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage != "fit" or datamodule is None:
+            return
+        from medrpn.anchors_planning import plan_for_training
+
+        plan = plan_for_training(self, datamodule)
+        if plan is not None:
+            rank_zero_info(f"anchors planned from the training split:\n{plan.yaml_snippet()}")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Reinstall anchor shapes planned at fit time (a model built from an ``auto`` config has placeholders)."""
+        from medrpn.anchors_planning import restore_planned_anchors
+
+        restore_planned_anchors(self.detector, checkpoint)
+
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """All named loss terms of a training batch and their sum under ``"loss"``.
 

@@ -27,12 +27,20 @@ voxels (a 5-voxel anchor becomes 4 wide) and takes sizes in voxels only; medrpn 
 fractional extents, which matters for small lesions at coarse spacing, and converts millimetres.
 It stays a MONAI ``AnchorGenerator`` (same ``cell_anchors``, ``num_anchors_per_location``,
 ``grid_anchors`` and anchor order), so MONAI utilities that take one accept it.
+
+**Anchors planned from the data** (``shapes: auto``): with ``shapes="auto"`` plus ``num_levels`` and
+``anchors_per_location``, the generator starts with placeholder shapes (a geometric progression of cubes,
+see :func:`placeholder_shapes`) so the detector and its shared RPN head can be built before the data is
+read, and reports :attr:`AnchorGenerator.needs_planning`. :func:`medrpn.anchors_planning.plan_for_training`
+then plans shapes from the training boxes and installs them with :meth:`AnchorGenerator.replace_shapes`,
+which also rewrites :attr:`AnchorGenerator.spec` to the explicit shapes, so checkpoints store the planned
+anchors and a model rebuilt from the spec gets them back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from monai.apps.detection.utils.anchor_utils import AnchorGenerator as MonaiAnchorGenerator
@@ -84,6 +92,34 @@ def anchor_shapes_from_scales(
     return shapes
 
 
+AUTO_SHAPES = "auto"
+"""The ``shapes`` value that asks for anchors planned from the training data."""
+
+
+def placeholder_shapes(
+    num_levels: int, anchors_per_location: int, spatial_dims: int, spacing_mm: Sequence[float] | None = None
+) -> list[list[list[float]]]:
+    """Placeholder anchors of an ``auto`` generator: cubes in voxels, a geometric progression over levels.
+
+    Anchor ``j`` of level ``l`` is a cube of ``4 * 2 ** (l + j / anchors_per_location)`` voxels (so levels
+    double like the usual FPN strides), expressed in millimetres when ``spacing_mm`` is given.
+
+    Args:
+        num_levels: FPN levels ``L``.
+        anchors_per_location: anchors per cell ``A``.
+        spatial_dims: 2 or 3.
+        spacing_mm: voxel spacing per axis, or None for voxel units.
+
+    Returns:
+        ``L`` lists of ``A`` lists of ``spatial_dims`` extents.
+    """
+    scale = [1.0] * spatial_dims if spacing_mm is None else [float(s) for s in spacing_mm]
+    return [
+        [[4.0 * 2.0 ** (level + j / anchors_per_location) * s for s in scale] for j in range(anchors_per_location)]
+        for level in range(num_levels)
+    ]
+
+
 class AnchorGenerator(MonaiAnchorGenerator):
     """Anchor boxes for every cell of every FPN level.
 
@@ -91,8 +127,11 @@ class AnchorGenerator(MonaiAnchorGenerator):
         spatial_dims: 2 or 3.
         sizes: per level, the scales (see module docstring). Ignored when ``shapes`` is given.
         aspect_ratios: shared by all levels: 2D floats ``h / w``, 3D pairs ``(h / w, d / w)``.
-        shapes: per level, explicit per-axis extents (overrides ``sizes``/``aspect_ratios``).
+        shapes: per level, explicit per-axis extents (overrides ``sizes``/``aspect_ratios``); or ``"auto"``:
+            placeholder shapes until :meth:`replace_shapes` installs shapes planned from the data.
         spacing_mm: voxel spacing of the network input per axis; when set, sizes/shapes are in mm.
+        num_levels: number of FPN levels; required with ``shapes="auto"``, otherwise checked if given.
+        anchors_per_location: anchors per cell; required with ``shapes="auto"``, otherwise checked if given.
 
     Every level must have the same number of anchors per cell (the RPN head is shared by all levels).
 
@@ -108,8 +147,10 @@ class AnchorGenerator(MonaiAnchorGenerator):
         spatial_dims: int = 2,
         sizes: Sequence[Sequence[float]] | None = ((32.0, 64.0, 128.0),),
         aspect_ratios: Sequence[float] | Sequence[Sequence[float]] | None = FASTER_RCNN_ASPECT_RATIOS,
-        shapes: Sequence[Sequence[Sequence[float]]] | None = None,
+        shapes: Sequence[Sequence[Sequence[float]]] | Literal["auto"] | None = None,
         spacing_mm: Sequence[float] | None = None,
+        num_levels: int | None = None,
+        anchors_per_location: int | None = None,
     ) -> None:
         nn.Module.__init__(self)
         if spatial_dims not in (2, 3):
@@ -120,7 +161,17 @@ class AnchorGenerator(MonaiAnchorGenerator):
             raise ValueError(f"spacing_mm needs {spatial_dims} positive values, got {list(spacing_mm)}")
         self.spacing_mm = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
 
-        if shapes is not None:
+        auto = isinstance(shapes, str)
+        if auto:
+            if shapes != AUTO_SHAPES:
+                raise ValueError(f"shapes must be per-level lists of extents or {AUTO_SHAPES!r}, got {shapes!r}")
+            if num_levels is None or anchors_per_location is None or num_levels < 1 or anchors_per_location < 1:
+                raise ValueError(
+                    f"shapes={AUTO_SHAPES!r} needs positive num_levels and anchors_per_location, got "
+                    f"num_levels={num_levels}, anchors_per_location={anchors_per_location}"
+                )
+            level_shapes = placeholder_shapes(num_levels, anchors_per_location, spatial_dims, self.spacing_mm)
+        elif shapes is not None:
             level_shapes = [[[float(v) for v in shape] for shape in level] for level in shapes]
         elif sizes is not None:
             if aspect_ratios is None:
@@ -139,15 +190,64 @@ class AnchorGenerator(MonaiAnchorGenerator):
                 "every FPN level needs the same number of anchors per cell (the RPN head is shared), got "
                 f"{[len(level) for level in level_shapes]}"
             )
+        if num_levels is not None and num_levels != len(level_shapes):
+            raise ValueError(f"num_levels={num_levels} but the anchor shapes define {len(level_shapes)} levels")
+        if anchors_per_location is not None and anchors_per_location != len(level_shapes[0]):
+            raise ValueError(
+                f"anchors_per_location={anchors_per_location} but the anchor shapes have {len(level_shapes[0])} "
+                "anchors per cell"
+            )
         self.shapes_mm_or_vox = level_shapes
+        self.needs_planning = auto
+        """True while the shapes are ``auto`` placeholders (until :meth:`replace_shapes`)."""
         self.spec: dict[str, Any] = {
             "spatial_dims": spatial_dims,
             "shapes": level_shapes,
             "spacing_mm": None if self.spacing_mm is None else list(self.spacing_mm),
         }
-        """Plain-data constructor arguments (explicit shapes; stored in checkpoints)."""
+        """Plain-data constructor arguments (explicit shapes, or ``"auto"`` before planning; stored in checkpoints)."""
+        if auto:
+            self.spec.update(shapes=AUTO_SHAPES, num_levels=num_levels, anchors_per_location=anchors_per_location)
         self.cell_anchors = [self._cell_anchors(level) for level in level_shapes]
         self._cache: dict[tuple, tuple[Tensor, list[int]]] = {}
+
+    def replace_shapes(self, shapes_mm_or_vox: Sequence[Sequence[Sequence[float]]]) -> None:
+        """Swap the fixed anchors for new ones with the same levels and anchors per cell (e.g. planned ones).
+
+        The new shapes are in the generator's units (mm when ``spacing_mm`` is set, else voxels).
+        :attr:`spec` becomes the explicit shapes and :attr:`needs_planning` False, so checkpoints store the
+        new anchors and a generator rebuilt from the spec has them. Objects that copied :attr:`spec`
+        earlier (e.g. ``LesionDetector.spec``) must be refreshed by the caller
+        (:func:`medrpn.anchors_planning.apply_anchor_shapes` does it for a detector).
+
+        Args:
+            shapes_mm_or_vox: ``num_levels`` lists of ``A`` lists of ``spatial_dims`` positive extents.
+
+        Raises:
+            ValueError: when the number of levels, of anchors per level or of extents differs, or an extent
+                is not positive and finite.
+        """
+        level_shapes = [[[float(v) for v in shape] for shape in level] for level in shapes_mm_or_vox]
+        count = len(self.shapes_mm_or_vox[0])
+        if len(level_shapes) != self.num_levels or any(len(level) != count for level in level_shapes):
+            raise ValueError(
+                f"replacement anchors must keep {self.num_levels} levels of {count} anchors each, got "
+                f"{[len(level) for level in level_shapes]}"
+            )
+        for level in level_shapes:
+            for shape in level:
+                if len(shape) != self.spatial_dims or not all(0 < v < float("inf") for v in shape):
+                    raise ValueError(f"anchor shape {shape} must have {self.spatial_dims} positive finite extents")
+        device = self.cell_anchors[0].device
+        self.shapes_mm_or_vox = level_shapes
+        self.cell_anchors = [self._cell_anchors(level).to(device) for level in level_shapes]
+        self._cache.clear()
+        self.needs_planning = False
+        self.spec = {
+            "spatial_dims": self.spatial_dims,
+            "shapes": [[list(shape) for shape in level] for level in level_shapes],
+            "spacing_mm": None if self.spacing_mm is None else list(self.spacing_mm),
+        }
 
     @property
     def num_levels(self) -> int:
