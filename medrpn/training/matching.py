@@ -27,10 +27,10 @@ from typing import Protocol
 
 import torch
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher as MonaiATSSMatcher
-from monai.data.box_utils import box_iou
 from torch import Tensor
 
 from medrpn.modeling.structures import MatchResult
+from medrpn.ops.box_iou import pairwise_iou
 
 
 class AnchorMatcher(Protocol):
@@ -44,7 +44,7 @@ class AnchorMatcher(Protocol):
 
 
 def _tensor_box_iou(a: Tensor, b: Tensor) -> Tensor:
-    return torch.as_tensor(box_iou(a, b))
+    return pairwise_iou(a, b)
 
 
 def _all_negative(anchors: Tensor) -> MatchResult:
@@ -111,7 +111,7 @@ class IoUMatcher:
         gt_best = torch.zeros(gt_boxes.shape[0], device=device)
         chunks = [(s, min(s + self.chunk_size, n)) for s in range(0, n, self.chunk_size)]
         for s, e in chunks:
-            iou = torch.as_tensor(box_iou(gt_boxes, anchors[s:e])).to(device)  # (M, n_chunk)
+            iou = pairwise_iou(gt_boxes, anchors[s:e])  # (M, n_chunk)
             max_iou[s:e], matched[s:e] = iou.max(dim=0)
             gt_best = torch.maximum(gt_best, iou.max(dim=1).values)
 
@@ -121,7 +121,7 @@ class IoUMatcher:
 
         if self.allow_low_quality_matches:
             for s, e in chunks:
-                iou = torch.as_tensor(box_iou(gt_boxes, anchors[s:e])).to(device)
+                iou = pairwise_iou(gt_boxes, anchors[s:e])
                 is_best = (iou == gt_best[:, None]) & (gt_best[:, None] > 0)  # (M, n_chunk)
                 hit = is_best.any(dim=0)
                 if hit.any():
