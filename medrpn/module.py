@@ -35,7 +35,7 @@ from medrpn.evaluation.froc import FROCResult, ScanCandidates, ScanLesions, comp
 from medrpn.evaluation.metrics import class_confusion, detection_map, per_class_ap, proposal_recall
 from medrpn.evaluation.plots import plot_froc
 from medrpn.geometry import image_to_world_boxes
-from medrpn.inference.whole_scan import WholeScanConfig, detect_scan
+from medrpn.inference.whole_scan import ScanDetections, WholeScanConfig, detect_scan
 from medrpn.modeling.detector import LesionDetector
 from medrpn.training.losses import RPNLoss
 from medrpn.training.matching import AnchorMatcher, ATSSMatcher, IoUMatcher
@@ -276,7 +276,7 @@ class LesionDetectionModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
 
     # ------------------------------------------------------------------ validation
-    def detect(self, volume: torch.Tensor):  # type: ignore[no-untyped-def]
+    def detect(self, volume: torch.Tensor) -> ScanDetections:
         """Whole-scan detection with this module's inference settings (see :func:`detect_scan`)."""
         return detect_scan(self.detector, volume, self.inference_cfg, context=self.preprocessing_cfg.slice_context)
 

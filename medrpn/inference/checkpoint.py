@@ -11,7 +11,7 @@ that smuggles arbitrary Python objects is refused with :class:`CheckpointError` 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,13 @@ class InferenceModel:
         return f"medrpn {self.spatial_dims}D {kind} detector from {Path(self.source).name}"
 
 
+def _known_fields(cls: type[Any], values: dict[str, Any]) -> Any:
+    """Build a settings dataclass, ignoring keys it does not know (checkpoints from other versions)."""
+    names = {f.name for f in fields(cls)}
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+    return cls(**kept)
+
+
 def load_inference_model(path: Path | str, map_location: str | torch.device = "cpu") -> InferenceModel:
     """Load a checkpoint safely (``weights_only=True``) and rebuild the detector from its spec.
 
@@ -105,7 +112,7 @@ def load_inference_model(path: Path | str, map_location: str | torch.device = "c
         ct_window=tuple(float(v) for v in pre.get("ct_window", (-1000.0, 500.0))),
         orientation=str(pre.get("orientation", "RAS")),
         slice_context=int(pre.get("slice_context", 0)),
-        whole_scan=WholeScanConfig(**info.get("inference", {})),
+        whole_scan=_known_fields(WholeScanConfig, info.get("inference", {})),
         class_names=tuple(info.get("class_names", ())) or ("lesion",),
         source=str(p),
     )

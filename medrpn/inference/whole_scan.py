@@ -1,9 +1,8 @@
 """Whole-scan inference, shared by validation and batch inference.
 
 - **3D** (:func:`detect_volume`): overlapping patches (sliding window) over the preprocessed volume;
-  each patch's detections are shifted to volume coordinates, detections whose centre falls in the
-  outer margin of a patch that has a neighbour on that side are dropped (the neighbour sees them
-  whole), and the rest are merged with class-agnostic NMS. RPN proposals are merged the same way
+  each patch's detections are shifted to volume coordinates, detections cut by a patch border that a
+  neighbouring patch sees whole are dropped, and the rest are merged with class-agnostic NMS. RPN proposals are merged the same way
   (for proposal-recall metrics) and an objectness heatmap is stitched by maximum.
 - **2D** (:func:`detect_slices`): slice by slice along the last axis (with ``slice_context``
   neighbours as channels), then detections on consecutive slices that overlap in-plane
@@ -41,7 +40,6 @@ class WholeScanConfig:
     Attributes:
         patch_size: 3D patch size in voxels (3D models); ignored in 2D.
         overlap: fraction of overlap between neighbouring patches.
-        margin: fraction of the patch size treated as the unreliable border (see module docstring).
         merge_iou: NMS IoU when merging detections across patches / flips.
         max_detections: detections kept per scan.
         max_proposals: RPN proposals kept per scan (for recall metrics).
@@ -53,7 +51,6 @@ class WholeScanConfig:
 
     patch_size: tuple[int, ...] | None = None
     overlap: float = 0.25
-    margin: float = 0.1
     merge_iou: float = 0.3
     max_detections: int = 100
     max_proposals: int = 300
@@ -165,18 +162,24 @@ def _nms_props(p: Proposals, iou: float, k: int) -> Proposals:
 
 
 def _interior_mask(
-    boxes: Tensor, start: Sequence[int], patch: Sequence[int], size: Sequence[int], margin: float
+    boxes: Tensor, start: Sequence[int], patch: Sequence[int], size: Sequence[int], overlap_vox: Sequence[int]
 ) -> Tensor:
-    """Keep boxes whose centre is not in a margin shared with a neighbouring patch."""
+    """Drop boxes cut by a patch border that a neighbouring patch sees whole.
+
+    A box touching an interior border (within half a voxel of a patch edge that has a neighbour on that side)
+    is probably truncated there; when it is smaller than the overlap along that axis, the neighbouring patch
+    contains it entirely, so the truncated copy is dropped before NMS (it would otherwise compete with the
+    whole one). Larger boxes are kept: no patch holds them whole.
+    """
     d = len(start)
-    centre = (boxes[:, :d] + boxes[:, d:]) / 2
     keep = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    extent = boxes[:, d:] - boxes[:, :d]
     for a in range(d):
-        m = margin * patch[a]
+        fits = extent[:, a] < overlap_vox[a]
         if start[a] > 0:
-            keep &= centre[:, a] >= m
+            keep &= ~((boxes[:, a] <= 0.5) & fits)
         if start[a] + patch[a] < size[a]:
-            keep &= centre[:, a] <= patch[a] - m
+            keep &= ~((boxes[:, a + d] >= patch[a] - 0.5) & fits)
     return keep
 
 
@@ -210,7 +213,10 @@ def detect_volume(
         for s, p in reversed(list(zip(size, padded))):
             pad += [0, p - s]
         volume = F.pad(volume, pad, mode="replicate")
-    starts = list(itertools.product(*[_starts(s, p, config.overlap) for s, p in zip(padded, patch)]))
+    axis_starts = [_starts(s, p, config.overlap) for s, p in zip(padded, patch)]
+    starts = list(itertools.product(*axis_starts))
+    # smallest overlap between neighbouring patches per axis (the last patch is aligned to the end)
+    overlap_vox = [min((p - (b - a) for a, b in zip(st_, st_[1:])), default=p) for st_, p in zip(axis_starts, patch)]
     flip_axes = [0, 1] if config.flip_tta else []
     all_dets, all_props = [], []
     heat = torch.zeros(padded, device=volume.device) if config.heatmap else None
@@ -220,13 +226,13 @@ def detect_volume(
         dets, props, h = _run(detector, crop, flip_axes, config.heatmap)
         offset = torch.tensor(list(st) * 2, dtype=torch.float32, device=volume.device)
         dd, pp = dets[0], props[0]
-        keep = _interior_mask(dd.boxes, st, patch, padded, config.margin)
+        keep = _interior_mask(dd.boxes, st, patch, padded, overlap_vox)
         all_dets.append(
             Detections(
                 dd.boxes[keep] + offset, dd.scores[keep], dd.labels[keep], dd.class_probs[keep], dd.objectness[keep]
             )
         )
-        keep_p = _interior_mask(pp.boxes, st, patch, padded, config.margin)
+        keep_p = _interior_mask(pp.boxes, st, patch, padded, overlap_vox)
         all_props.append(Proposals(pp.boxes[keep_p] + offset, pp.scores[keep_p], pp.levels[keep_p]))
         if heat is not None and h is not None:
             heat[sl] = torch.maximum(heat[sl], h[0])

@@ -1,0 +1,148 @@
+"""Boxes follow the image through spacing, orientation, flip, crop, rotation and zoom.
+
+Each test plants a bright cube at known voxels, gives its world box, runs the transform, and checks
+the box against a hand-computed expectation and against where the cube went.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.apps.detection.transforms.dictionary import RandFlipBoxd, RandRotateBox90d, RandZoomBoxd
+from monai.data import MetaTensor
+
+from medrpn.data.transforms import (
+    BoxOutsideImageError,
+    RandCropBoxesd,
+    RandSliceSampled,
+    WorldBoxToImaged,
+    preprocessing,
+)
+from medrpn.geometry import image_to_world_boxes
+
+
+def _lps_to_ras(lps: np.ndarray) -> np.ndarray:
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _volume(
+    shape=(20, 18, 16),
+    spacing=(1.0, 1.0, 1.0),
+    origin=(-10.0, 20.0, 5.0),
+    flips=(1, 1, 1),
+    cube=((4, 8), (6, 9), (3, 7)),
+):  # type: ignore[no-untyped-def]
+    arr = torch.zeros((1, *shape))
+    arr[0, cube[0][0] : cube[0][1], cube[1][0] : cube[1][1], cube[2][0] : cube[2][1]] = 1.0
+    lps = np.eye(4)
+    for a in range(3):
+        lps[a, a] = spacing[a] * flips[a]
+        lps[a, 3] = origin[a]
+    img = MetaTensor(arr, affine=torch.as_tensor(_lps_to_ras(lps)), meta={"filename_or_obj": "planted.nii.gz"})
+    vox_box = torch.tensor(
+        [[cube[0][0], cube[1][0], cube[2][0], cube[0][1], cube[1][1], cube[2][1]]], dtype=torch.float64
+    )
+    world = image_to_world_boxes(vox_box, img.affine).numpy()
+    return img, world
+
+
+def _cube_box(image: torch.Tensor, thr: float = 0.5) -> np.ndarray:
+    """Voxel-edge bounding box of the bright voxels."""
+    idx = np.argwhere(np.asarray(image[0]) > thr)
+    return np.concatenate([idx.min(0), idx.max(0) + 1]).astype(float)
+
+
+def _item(img: MetaTensor, world: np.ndarray) -> dict:
+    return {"image": img, "box": world.astype(np.float32), "label": np.array([1])}
+
+
+def test_world_box_to_image_hand_computed() -> None:
+    # 2 mm voxels, x axis flipped (+i towards the patient's right): voxels 4..7 along i
+    img, world = _volume(spacing=(2.0, 1.0, 3.0), flips=(-1, 1, 1))
+    out = WorldBoxToImaged("box", "label", "image")(_item(img, world))
+    np.testing.assert_allclose(out["box"].numpy(), [[4, 6, 3, 8, 9, 7]], atol=1e-4)
+    assert out["label"].tolist() == [1]
+
+
+def test_spacing_and_orientation_move_the_box_with_the_cube() -> None:
+    img, world = _volume(spacing=(1.0, 1.0, 1.0), flips=(1, -1, 1))
+    pre = preprocessing(spacing_mm=(2.0, 2.0, 2.0), intensity="none", orientation="RAS", load=False)
+    out = pre(_item(img, world))
+    box = out["box"].numpy()[0]
+    # RAS orientation flips the LPS-stored x (and un-flips y); 2 mm voxels halve the extents: 4x3x4 -> 2x1.5x2
+    np.testing.assert_allclose(box[3:] - box[:3], [2.0, 1.5, 2.0], atol=1e-4)
+    # the resampled cube (bilinear) lies within the box widened by one voxel
+    cube = _cube_box(out["image"], thr=0.25)
+    assert (cube[:3] >= np.floor(box[:3]) - 1).all() and (cube[3:] <= np.ceil(box[3:]) + 1).all()
+    # and the box maps back to the original world box exactly
+    np.testing.assert_allclose(image_to_world_boxes(box[None], out["image"].affine).numpy(), world, atol=1e-4)
+
+
+def test_flip_hand_computed() -> None:
+    img, world = _volume()
+    d = WorldBoxToImaged("box", "label", "image")(_item(img, world))
+    out = RandFlipBoxd("image", "box", "image", prob=1.0, spatial_axis=0)(d)
+    # width 20: [4, 8) -> [20 - 8, 20 - 4) = [12, 16)
+    np.testing.assert_allclose(out["box"].numpy()[0], [12, 6, 3, 16, 9, 7])
+    np.testing.assert_allclose(_cube_box(out["image"]), [12, 6, 3, 16, 9, 7])
+
+
+def test_rot90_hand_computed() -> None:
+    img, world = _volume()
+    d = WorldBoxToImaged("box", "label", "image")(_item(img, world))
+    t = RandRotateBox90d("image", "box", "image", prob=1.0, max_k=1, spatial_axes=(0, 1))
+    out = t(d)
+    np.testing.assert_allclose(out["box"].numpy()[0], _cube_box(out["image"]), atol=1e-4)
+    # a 90-degree turn in the (x, y) plane swaps the extents along x and y: 4 x 3 -> 3 x 4
+    b = out["box"].numpy()[0]
+    np.testing.assert_allclose(b[3:] - b[:3], [3, 4, 4])
+
+
+def test_zoom_scales_the_box_with_the_cube() -> None:
+    img, world = _volume(shape=(24, 24, 16), cube=((8, 16), (8, 16), (4, 12)))
+    d = WorldBoxToImaged("box", "label", "image")(_item(img, world))
+    out = RandZoomBoxd("image", "box", "image", prob=1.0, min_zoom=1.5, max_zoom=1.5, keep_size=False, mode="nearest")(
+        d
+    )
+    np.testing.assert_allclose(out["box"].numpy()[0], [12, 12, 6, 24, 24, 18], atol=1e-4)  # coordinates x 1.5
+    np.testing.assert_allclose(_cube_box(out["image"]), [12, 12, 6, 24, 24, 18], atol=1.0)
+
+
+def test_crop_patches_contain_the_box_where_the_cube_is() -> None:
+    img, world = _volume(shape=(40, 40, 20), cube=((20, 24), (10, 13), (5, 9)))
+    d = WorldBoxToImaged("box", "label", "image")(_item(img, world))
+    crop = RandCropBoxesd((16, 16, 12), num_samples=4, positive_fraction=1.0)
+    crop.set_random_state(0)
+    patches = crop(d)
+    assert isinstance(patches, list) and len(patches) == 4
+    for p in patches:
+        assert p["image"].shape[1:] == (16, 16, 12)
+        assert len(p["box"]) == 1  # positive patches contain the whole box
+        np.testing.assert_allclose(p["box"].numpy()[0], _cube_box(p["image"]))
+
+
+def test_scans_without_lesions_give_random_patches() -> None:
+    img, _ = _volume(shape=(30, 30, 20))
+    d = {"image": img, "box": torch.zeros(0, 6), "label": torch.zeros(0, dtype=torch.long)}
+    patches = RandCropBoxesd((16, 16, 12), num_samples=2, positive_fraction=0.5)(d)
+    assert [p["image"].shape[1:] for p in patches] == [(16, 16, 12)] * 2
+
+
+def test_slices_carry_in_plane_boxes_and_context_channels() -> None:
+    img, world = _volume(shape=(20, 18, 16), cube=((4, 8), (6, 9), (3, 7)))
+    d = WorldBoxToImaged("box", "label", "image")(_item(img, world))
+    t = RandSliceSampled(num_samples=6, positive_fraction=1.0, context=1)
+    t.set_random_state(1)
+    for s in t(d):
+        assert s["image"].shape == (3, 20, 18)
+        assert 3 <= s["slice_index"] < 7  # only slices the cube crosses
+        np.testing.assert_allclose(s["box"].numpy()[0], [4, 6, 8, 9])
+        assert float(s["image"][1].max()) == 1.0  # the centre channel is the sampled slice
+
+
+def test_box_outside_the_image_names_the_scan() -> None:
+    img, world = _volume()
+    world = world + np.array([500.0, 0, 0, 500.0, 0, 0])
+    with pytest.raises(BoxOutsideImageError, match=r"planted\.nii\.gz: box .* lies entirely outside the image"):
+        WorldBoxToImaged("box", "label", "image")(_item(img, world))

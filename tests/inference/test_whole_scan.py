@@ -1,0 +1,104 @@
+"""Whole-scan tiling and merging with an oracle detector that boxes bright regions.
+
+The oracle returns, for every patch/slice it is given, the voxel-edge bounding box of each connected
+bright region — exactly what a perfect detector would. So the tests check only the tiling: offsets,
+border handling, NMS across patches and slice linking.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medrpn.inference.whole_scan import WholeScanConfig, detect_slices, detect_volume
+from medrpn.modeling.structures import Detections, Proposals, RPNOutput
+
+
+class BrightRegionDetector:
+    """Stands in for LesionDetector: one detection per connected bright region of each input."""
+
+    def __init__(self, spatial_dims: int) -> None:
+        self.spatial_dims = spatial_dims
+        self.rpn = SimpleNamespace(num_anchors=1)
+        self.head = None
+        self.calls = 0
+
+    def eval(self) -> BrightRegionDetector:
+        return self
+
+    def features_and_proposals(self, images: torch.Tensor) -> tuple[list[torch.Tensor], RPNOutput]:
+        self.calls += 1
+        d = self.spatial_dims
+        props = []
+        for img in images:
+            centre = img[img.shape[0] // 2].numpy()
+            comps, _ = ndimage.label(centre > 0.5)
+            boxes = [[s.start for s in sl] + [s.stop for s in sl] for sl in ndimage.find_objects(comps)]
+            b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 2 * d)
+            props.append(Proposals(b, torch.full((len(b),), 0.9), torch.zeros(len(b), dtype=torch.long)))
+        n = int(np.prod(images.shape[2:]))
+        out = RPNOutput(
+            anchors=torch.zeros(n, 2 * d),
+            num_anchors_per_level=[n],
+            objectness_logits=torch.zeros(images.shape[0], n, 1),
+            deltas=torch.zeros(images.shape[0], n, 2 * d),
+            proposals=props,
+            image_shape=tuple(images.shape[2:]),
+        )
+        return [torch.zeros(images.shape[0], 1, *images.shape[2:])], out
+
+    def forward_from(self, features: list[torch.Tensor], out: RPNOutput) -> list[Detections]:
+        return [
+            Detections(p.boxes, p.scores, torch.zeros(len(p), dtype=torch.long), p.scores[:, None], p.scores)
+            for p in out.proposals
+        ]
+
+
+def _volume(cubes: list[tuple[int, int, int, int, int, int]], shape=(60, 50, 30)) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    v = torch.zeros(1, 1, *shape)
+    for c in cubes:
+        v[0, 0, c[0] : c[3], c[1] : c[4], c[2] : c[5]] = 1.0
+    return v
+
+
+@pytest.mark.parametrize(
+    "cube",
+    [
+        (5, 5, 5, 10, 9, 8),  # inside the first patch only
+        (28, 20, 10, 36, 27, 17),  # across the border between patches along x and y
+        (50, 40, 22, 58, 48, 29),  # near the far corner (last patches are aligned to the end)
+    ],
+)
+def test_sliding_window_finds_each_region_once_at_its_volume_coordinates(cube: tuple[int, ...]) -> None:
+    det = BrightRegionDetector(3)
+    result = detect_volume(det, _volume([cube]), WholeScanConfig(patch_size=(32, 32, 20), overlap=0.5))  # type: ignore[arg-type]
+    assert det.calls > 1  # it really tiled
+    np.testing.assert_allclose(result.detections.boxes.numpy(), [cube])
+    assert len(result.proposals) == 1
+
+
+def test_volume_smaller_than_the_patch_is_padded() -> None:
+    det = BrightRegionDetector(3)
+    cube = (3, 4, 2, 7, 9, 5)
+    result = detect_volume(det, _volume([cube], shape=(20, 18, 10)), WholeScanConfig(patch_size=(32, 32, 20)))  # type: ignore[arg-type]
+    np.testing.assert_allclose(result.detections.boxes.numpy(), [cube])
+
+
+def test_flip_tta_boxes_come_back_unflipped() -> None:
+    det = BrightRegionDetector(3)
+    cube = (10, 12, 4, 17, 20, 9)
+    cfg = WholeScanConfig(patch_size=(60, 50, 30), flip_tta=True)
+    result = detect_volume(det, _volume([cube]), cfg)  # type: ignore[arg-type]
+    np.testing.assert_allclose(result.detections.boxes.numpy(), [cube])  # three passes, merged to one box
+
+
+def test_slice_detections_are_linked_into_3d_findings() -> None:
+    det = BrightRegionDetector(2)
+    cubes = [(5, 5, 3, 12, 10, 9), (30, 30, 15, 40, 44, 18)]
+    result = detect_slices(det, _volume(cubes), WholeScanConfig(slice_batch=7), context=1)  # type: ignore[arg-type]
+    got = sorted(result.detections.boxes.numpy().tolist())
+    np.testing.assert_allclose(got, sorted([list(c) for c in cubes]))
