@@ -2,8 +2,9 @@
 
 - **3D** (:func:`detect_volume`): overlapping patches (sliding window) over the preprocessed volume;
   each patch's detections are shifted to volume coordinates, detections cut by a patch border that a
-  neighbouring patch sees whole are dropped, and the rest are merged with class-agnostic NMS. RPN proposals are merged the same way
-  (for proposal-recall metrics) and an objectness heatmap is stitched by maximum.
+  neighbouring patch sees whole are dropped, and the rest are merged with class-agnostic NMS. RPN
+  proposals are merged the same way (for proposal-recall metrics) and an objectness heatmap is
+  stitched by maximum.
 - **2D** (:func:`detect_slices`): slice by slice along the last axis (with ``slice_context``
   neighbours as channels), then detections on consecutive slices that overlap in-plane
   (IoU >= ``link_iou``) are linked into one 3D finding: the union of the in-plane boxes, the z range
@@ -216,7 +217,9 @@ def detect_volume(
     axis_starts = [_starts(s, p, config.overlap) for s, p in zip(padded, patch)]
     starts = list(itertools.product(*axis_starts))
     # smallest overlap between neighbouring patches per axis (the last patch is aligned to the end)
-    overlap_vox = [min((p - (b - a) for a, b in zip(st_, st_[1:])), default=p) for st_, p in zip(axis_starts, patch)]
+    overlap_vox = [
+        min((p - (b - a) for a, b in itertools.pairwise(st_)), default=p) for st_, p in zip(axis_starts, patch)
+    ]
     flip_axes = [0, 1] if config.flip_tta else []
     all_dets, all_props = [], []
     heat = torch.zeros(padded, device=volume.device) if config.heatmap else None

@@ -24,7 +24,7 @@ def case_files(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 def test_nifti_and_dicom_agree_after_orientation(case_files) -> None:  # type: ignore[no-untyped-def]
-    case, root = case_files
+    _case, root = case_files
     nii = Orientation(axcodes="RAS")(load_scan(root / "ct.nii.gz"))
     dcm = Orientation(axcodes="RAS")(load_scan(root / "dicom"))
     assert nii.shape == dcm.shape
