@@ -294,6 +294,17 @@ class RandSliceSampled(RandomizableTransform, MapTransform):
         return out
 
 
+def slice_with_context(volume: torch.Tensor, k: int, context: int) -> torch.Tensor:
+    """Axial slice ``k`` of an ``(X, Y, Z)`` volume with ``context`` neighbours per side as channels.
+
+    Edge slices are replicated. Shared by 2D training (:class:`RandSliceSampled`) and 2D whole-scan
+    inference, so both feed the network the same ``(2 * context + 1, X, Y)`` input.
+    """
+    depth = int(volume.shape[-1])
+    idx = [min(max(k + o, 0), depth - 1) for o in range(-context, context + 1)]
+    return volume[..., idx].permute(2, 0, 1)
+
+
 def slice_sample(
     d: Mapping[Hashable, Any], k: int, context: int, box_mask: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
 ) -> dict[Hashable, Any]:
@@ -310,10 +321,7 @@ def slice_sample(
     Returns:
         A 2D item: ``image`` ``(2*context + 1, X, Y)``, ``box`` ``(M_k, 4)``, ``label`` ``(M_k,)``, ``slice_index``.
     """
-    image = d["image"]
-    depth = int(image.shape[-1])
-    idx = [min(max(k + o, 0), depth - 1) for o in range(-context, context + 1)]
-    arr = torch.as_tensor(image)[0][..., idx].permute(2, 0, 1).contiguous()  # (2c+1, X, Y)
+    arr = slice_with_context(torch.as_tensor(d["image"])[0], k, context).contiguous()
     b = boxes[box_mask]
     item = {key: v for key, v in d.items() if key not in ("image", "box", "label")}
     item.update(

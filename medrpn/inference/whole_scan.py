@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from monai.data.box_utils import box_iou
 from torch import Tensor
 
+from medrpn.data.transforms import slice_with_context
 from medrpn.modeling.detector import LesionDetector
 from medrpn.modeling.structures import Detections, Proposals, objectness_probability
 from medrpn.ops.nms import nms
@@ -297,13 +298,6 @@ def _link_slices(per_slice: Sequence[Detections], link_iou: float, max_gap: int 
     )
 
 
-def slice_input(volume: Tensor, k: int, context: int) -> Tensor:
-    """Slice ``k`` of ``(1, 1, X, Y, Z)`` with ``context`` neighbours per side as channels: ``(2c+1, X, Y)``."""
-    depth = volume.shape[-1]
-    idx = [min(max(k + o, 0), depth - 1) for o in range(-context, context + 1)]
-    return volume[0, 0][..., idx].permute(2, 0, 1)
-
-
 @torch.no_grad()
 def detect_slices(
     detector: LesionDetector,
@@ -333,7 +327,7 @@ def detect_slices(
     heat = torch.zeros(tuple(volume.shape[2:]), device=volume.device) if config.heatmap else None
     for s in range(0, depth, config.slice_batch):
         ks = list(range(s, min(depth, s + config.slice_batch)))
-        batch = torch.stack([slice_input(volume, k, context) for k in ks])
+        batch = torch.stack([slice_with_context(volume[0, 0], k, context) for k in ks])
         dets, props, h = _run(detector, batch, flip_axes, config.heatmap)
         for j, k in enumerate(ks):
             per_slice.append(_nms_dets(dets[j], config.merge_iou, config.max_detections))
