@@ -21,8 +21,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
+
+from medrpn.data.transforms import IntensityPreset
+from medrpn.module import ScanMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +43,7 @@ def _ensure_data(root: Path) -> tuple[Path, Path]:
     return train / "datalist.json", held / "datalist.json"
 
 
-def evaluate_checkpoint(ckpt: Path, datalist: Path, split: str = "validation"):  # type: ignore[no-untyped-def]
+def evaluate_checkpoint(ckpt: Path, datalist: Path, split: str = "validation") -> tuple[ScanMetrics, float, int]:
     """Whole-scan inference with a checkpoint's own settings and the epoch metrics of the module."""
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.geometry import image_to_world_boxes
@@ -52,7 +56,7 @@ def evaluate_checkpoint(ckpt: Path, datalist: Path, split: str = "validation"): 
         datalist=str(datalist),
         spatial_dims=3,
         spacing_mm=model.spacing_mm,
-        intensity=model.intensity,  # type: ignore[arg-type]
+        intensity=cast(IntensityPreset, model.intensity),
         ct_window=model.ct_window,
         orientation=model.orientation,
         patch_size=(32, 32, 32),

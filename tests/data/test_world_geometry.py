@@ -3,18 +3,20 @@ planted lesions map to the right voxel and back within half a voxel, for both fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from monai.transforms import Orientation
 
 from medrpn.data.io import load_scan
-from medrpn.data.synthetic import generate_case, write_case_dicom, write_case_nifti
+from medrpn.data.synthetic import SyntheticCase, generate_case, write_case_dicom, write_case_nifti
 from medrpn.geometry import voxel_to_world, world_to_voxel
 
 
 @pytest.fixture(scope="module", params=[0, 2, 3])
-def case_files(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def case_files(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticCase, Path]:
     # cases 0, 2, 3 of seed 5 all have lesions; case 2 stores its DICOM slices in descending z
     case = generate_case(request.param, seed=5, shape=(64, 56, 24))
     root = tmp_path_factory.mktemp(f"case{request.param}")
@@ -23,7 +25,7 @@ def case_files(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return case, root
 
 
-def test_nifti_and_dicom_agree_after_orientation(case_files) -> None:  # type: ignore[no-untyped-def]
+def test_nifti_and_dicom_agree_after_orientation(case_files: tuple[SyntheticCase, Path]) -> None:
     _case, root = case_files
     nii = Orientation(axcodes="RAS")(load_scan(root / "ct.nii.gz"))
     dcm = Orientation(axcodes="RAS")(load_scan(root / "dicom"))
@@ -36,7 +38,7 @@ def test_nifti_and_dicom_agree_after_orientation(case_files) -> None:  # type: i
 
 
 @pytest.mark.parametrize("source", ["ct.nii.gz", "dicom"])
-def test_planted_lesions_land_on_their_voxels(case_files, source: str) -> None:  # type: ignore[no-untyped-def]
+def test_planted_lesions_land_on_their_voxels(case_files: tuple[SyntheticCase, Path], source: str) -> None:
     case, root = case_files
     assert case.lesions
     image = load_scan(root / source)
