@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         input_dir = work / "input"
         t0 = time.perf_counter()
-        write_phantom(input_dir / "phantom.nii.gz", shape, spacing)  # type: ignore[arg-type]
+        write_phantom(
+            input_dir / "phantom.nii.gz", (shape[0], shape[1], shape[2]), (spacing[0], spacing[1], spacing[2])
+        )
         print(f"phantom written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if args.checkpoint is not None:
             checkpoint, model = args.checkpoint, f"checkpoint {args.checkpoint.name}"

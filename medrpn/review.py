@@ -69,14 +69,15 @@ from medrpn.geometry import CONVENTION_NOTE, WORLD_SPACE, image_to_world_boxes, 
 from medrpn.inference.results import DEFAULT_CLASS_NAMES, Finding
 from medrpn.overlays.atomic import atomic_write_text
 from medrpn.overlays.images import (
-    _VIEW_SPECS,
     BOX_COLOUR,
     VIEW_2D,
+    VIEW_SPECS,
     VIEWS_3D,
     CanonicalGrid,
     ViewPlane,
-    _display_range,
     canonical_grid,
+    display_range,
+    draw_orientation_letters,
     view_plane,
 )
 from medrpn.overlays.nifti import spatial_affine
@@ -431,11 +432,11 @@ def resolve_window(window: str | tuple[float, float] | None, image: np.ndarray |
     if window is None:
         if image is None:
             raise ValueError("an automatic window needs the image")
-        return _display_range(np.asarray(image), None)
+        return display_range(np.asarray(image), None)
     level, width = float(window[0]), float(window[1])
     if not width > 0:
         raise ValueError(f"window width must be positive, got {width}")
-    return _display_range(np.zeros(1), (level, width))
+    return display_range(np.zeros(1), (level, width))
 
 
 def _window_name(window: str | tuple[float, float] | None) -> str:
@@ -779,7 +780,7 @@ class ReviewSession:
         Returns:
             The count.
         """
-        spec = _VIEW_SPECS[view]
+        spec = VIEW_SPECS[view]
         if spec.normal is None:
             return 1
         return int(self.geometry(scan_id).array.shape[spec.normal])
@@ -1157,7 +1158,7 @@ class ViewDrawing:
 
 def _full_slice(grid: CanonicalGrid, view: str, index: int) -> ViewPlane:
     """The whole slice ``index`` of a view, via :func:`view_plane` with a box covering that slice entirely."""
-    spec = _VIEW_SPECS[view]
+    spec = VIEW_SPECS[view]
     shape = grid.array.shape
     d = len(shape)
     lo = [0.0] * d
@@ -1169,7 +1170,7 @@ def _full_slice(grid: CanonicalGrid, view: str, index: int) -> ViewPlane:
 
 
 def _slice_position(grid: CanonicalGrid, view: str, index: int) -> str:
-    spec = _VIEW_SPECS[view]
+    spec = VIEW_SPECS[view]
     if spec.normal is None:
         return ""
     centre = [(n - 1) / 2.0 for n in grid.array.shape]
@@ -1227,7 +1228,7 @@ def draw_view(
     scan = session.scan(scan_id)
     if view not in scan.views:
         raise ValueError(f"scan {scan.key} is {scan.spatial_dims}D: views are {scan.views}, got {view!r}")
-    spec = _VIEW_SPECS[view]
+    spec = VIEW_SPECS[view]
     grid = session.image(scan.key)
     selected = zoom_on if zoom_on is not None else highlight
     selection = session.select(scan.key, selected, zoom_mm=zoom_mm) if selected is not None else None
@@ -1313,27 +1314,13 @@ def draw_view(
         if (frac if not spec.v_down else 1.0 - frac) > 0.92:
             label.set_position((label.get_position()[0], bottom_v))
             label.set_verticalalignment("top")
-    left, right, top, bottom = spec.letters
-    for x, y, s, ha, va in (
-        (0.01, 0.5, left, "left", "center"),
-        (0.99, 0.5, right, "right", "center"),
-        (0.5, 0.99, top, "center", "top"),
-        (0.5, 0.01, bottom, "center", "bottom"),
-    ):
-        if s:
-            ax.text(
-                x,
-                y,
-                s,
-                transform=ax.transAxes,
-                color="yellow",
-                fontsize=12,
-                ha=ha,
-                va=va,
-                weight="bold",
-                zorder=5,
-                bbox={"facecolor": "black", "edgecolor": "none", "alpha": 0.55, "pad": 1.5},
-            )
+    draw_orientation_letters(
+        ax,
+        spec.letters,
+        fontsize=12,
+        zorder=5,
+        bbox={"facecolor": "black", "edgecolor": "none", "alpha": 0.55, "pad": 1.5},
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     for sp in ax.spines.values():

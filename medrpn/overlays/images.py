@@ -33,7 +33,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import nibabel as nib
 import numpy as np
@@ -104,7 +104,7 @@ class _ViewSpec:
     letters: tuple[str, str, str, str]  # left, right, top, bottom
 
 
-_VIEW_SPECS: Final = {
+VIEW_SPECS: Final = {
     "axial": _ViewSpec(2, 0, 1, True, ("R", "L", "A", "P")),
     "coronal": _ViewSpec(1, 0, 2, False, ("R", "L", "S", "I")),
     "sagittal": _ViewSpec(0, 1, 2, False, ("A", "P", "S", "I")),
@@ -186,7 +186,7 @@ def view_plane(
     Returns:
         The plane to display.
     """
-    spec = _VIEW_SPECS[view]
+    spec = VIEW_SPECS[view]
     arr = grid.array
     d = arr.ndim
     b = world_to_image_boxes(np.asarray(box_world, dtype=np.float64)[None], grid.affine_ras).numpy()[0]
@@ -228,7 +228,7 @@ def view_plane(
 # PNG rendering
 
 
-def _display_range(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
+def display_range(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
     if window is not None:
         level, width = float(window[0]), float(window[1])
         return level - width / 2, level + width / 2
@@ -246,8 +246,28 @@ def _label(finding: Finding) -> str:
     return f"#{finding.rank} {finding.class_name} {finding.score:.2f}"
 
 
+def draw_orientation_letters(ax: Any, letters: tuple[str, str, str, str], **text_kwargs: Any) -> None:
+    """Patient-direction letters at the left, right, top and bottom edges of a displayed slice.
+
+    Args:
+        ax: matplotlib axes showing the slice.
+        letters: ``(left, right, top, bottom)`` letters, e.g. ``("R", "L", "A", "P")`` for a radiological axial view.
+        text_kwargs: extra ``ax.text`` arguments (e.g. ``bbox``, ``fontsize``, ``zorder``).
+    """
+    left, right, top, bottom = letters
+    style = {"color": "yellow", "fontsize": 11, "weight": "bold", **text_kwargs}
+    for x, y, s, ha, va in (
+        (0.01, 0.5, left, "left", "center"),
+        (0.99, 0.5, right, "right", "center"),
+        (0.5, 0.99, top, "center", "top"),
+        (0.5, 0.01, bottom, "center", "bottom"),
+    ):
+        if s:
+            ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, **style)
+
+
 def _render(finding: Finding, plane: ViewPlane, view: str, vrange: tuple[float, float]) -> bytes:
-    spec = _VIEW_SPECS[view]
+    spec = VIEW_SPECS[view]
     fig = Figure(figsize=(6.4, 4.6), dpi=100, facecolor="black")
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(1, 2, width_ratios=(3.3, 1.3), left=0.02, right=0.98, bottom=0.1, top=0.9, wspace=0.06)
@@ -280,15 +300,7 @@ def _render(finding: Finding, plane: ViewPlane, view: str, vrange: tuple[float, 
         bbox={"facecolor": BOX_COLOUR, "edgecolor": "none", "pad": 1.5, "alpha": 0.85},
         clip_on=True,
     )
-    left, right, top, bottom = spec.letters
-    for x, y, s, ha, va in (
-        (0.01, 0.5, left, "left", "center"),
-        (0.99, 0.5, right, "right", "center"),
-        (0.5, 0.99, top, "center", "top"),
-        (0.5, 0.01, bottom, "center", "bottom"),
-    ):
-        if s:
-            ax.text(x, y, s, transform=ax.transAxes, color="yellow", fontsize=11, ha=ha, va=va, weight="bold")
+    draw_orientation_letters(ax, spec.letters)
     ax.set_axis_off()
     title = f"{_label(finding)} | {view}"
     fig.text(0.02, 0.95, title, color="white", fontsize=11, ha="left", va="center")
@@ -364,7 +376,7 @@ def write_review_images(
     written: list[ReviewImage] = []
     if findings:
         grid = canonical_grid(arr, result.affine_ras)
-        vrange = _display_range(arr, window)
+        vrange = display_range(arr, window)
         views = VIEWS_3D if arr.ndim == 3 else (VIEW_2D,)
         for f in findings:
             for view in views:
