@@ -131,6 +131,7 @@ def write_demo_checkpoint(path: Path, config: Path | None) -> str:
             rpn=RPNConfig(**det.get("rpn", {})),
             head=HeadConfig(**det.get("head", {})),
             rpn_only=bool(det.get("rpn_only", False)),
+            channels_last=bool(det.get("channels_last", False)),
         )
         inference = WholeScanConfig(**cfg["model"].get("inference", {}))
         pre = PreprocessingConfig(

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from medrpn.cli import MedrpnCLI, main
+import medrpn.cli
+from medrpn.cli import MedrpnCLI, main, resolve_precision
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.data.synthetic import generate_dataset
 from medrpn.inference.checkpoint import load_inference_model
@@ -40,6 +41,24 @@ def test_every_config_builds_model_and_data(config: Path) -> None:
     assert model.preprocessing_cfg.slice_context == data.slice_context
     assert model.detector.spatial_dims == data.spatial_dims
     assert model.detector.in_channels == data.in_channels
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_falls_back_to_float32_without_native_support(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(medrpn.cli, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    precision, reason = resolve_precision("bf16-mixed", "auto")
+    assert (precision, reason is None) == (("bf16-mixed", True) if native else ("32-true", False))
+    assert resolve_precision("bf16-mixed", "gpu") == ("bf16-mixed", None)  # GPUs are left alone
+    assert resolve_precision("32-true", "cpu") == ("32-true", None)
+    cli = MedrpnCLI(
+        LesionDetectionModule,
+        LesionDataModule,
+        run=False,
+        args=["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger", "false"],
+        parser_kwargs={"default_env": False},
+    )
+    assert str(cli.trainer.precision) == ("bf16-mixed" if native else "32-true")
 
 
 def test_usage_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,6 +135,7 @@ def test_fit_smoke_losses_decrease_and_proposals_are_well_formed(tmp_path: Path,
         f"--ckpt_path={ckpt}",
         f"--data.predict_inputs=[{scans}]",
         f"--prediction_writer.output_dir={out_predict}",
+        "--trainer.precision=32-true",  # `medrpn infer` runs in float32; the demo config trains in bf16-mixed
     ]
     assert main(["predict", *predict_args]) == 0
     assert (

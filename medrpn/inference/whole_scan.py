@@ -101,7 +101,7 @@ def _heatmap(detector: LesionDetector, images: Tensor) -> tuple[list[Detections]
     grid = features[0].shape[2:]
     a = detector.rpn.num_anchors
     n0 = out.num_anchors_per_level[0]
-    prob = objectness_probability(out.objectness_logits[:, :n0])  # (B, n0)
+    prob = objectness_probability(out.objectness_logits[:, :n0].float())  # (B, n0)
     prob = prob.reshape(images.shape[0], *grid, a).amax(dim=-1)[:, None]
     mode = "trilinear" if len(grid) == 3 else "bilinear"
     heat = F.interpolate(prob, size=tuple(images.shape[2:]), mode=mode, align_corners=False)[:, 0]

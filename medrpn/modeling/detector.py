@@ -84,6 +84,10 @@ class LesionDetector(nn.Module):
         rpn: RPN settings.
         head: lesion-head settings.
         rpn_only: no lesion head; proposals are the output.
+        channels_last: keep conv weights and activations channels-last (``torch.channels_last`` in 2D,
+            ``channels_last_3d`` in 3D). oneDNN's CPU convolutions are markedly faster in that layout (the
+            demo backbone's forward + backward: 1.4x in float32, 2.1x with bfloat16 autocast, see the README);
+            results are the same up to float rounding.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class LesionDetector(nn.Module):
         rpn: RPNConfig = RPN_DEFAULT,
         head: HeadConfig = HEAD_DEFAULT,
         rpn_only: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         rpn = RPNConfig(**rpn) if isinstance(rpn, dict) else rpn
@@ -114,6 +119,7 @@ class LesionDetector(nn.Module):
             "rpn": asdict(rpn),
             "head": asdict(head),
             "rpn_only": rpn_only,
+            "channels_last": channels_last,
         }
         """Plain-data description of the whole detector (see :meth:`from_spec`); stored in checkpoints."""
         self.spatial_dims = d
@@ -147,6 +153,11 @@ class LesionDetector(nn.Module):
                 max_detections=head.max_detections,
             )
         self.max_detections = head.max_detections
+        self.memory_format = (
+            (torch.channels_last if d == 2 else torch.channels_last_3d) if channels_last else torch.contiguous_format
+        )
+        if channels_last:
+            self.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # torch supports it; stubs lag
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> LesionDetector:
@@ -158,6 +169,7 @@ class LesionDetector(nn.Module):
             rpn=RPNConfig(**_tuples(spec["rpn"])),
             head=HeadConfig(**_tuples(spec["head"])),
             rpn_only=bool(spec["rpn_only"]),
+            channels_last=bool(spec.get("channels_last", False)),
         )
 
     @property
@@ -181,7 +193,7 @@ class LesionDetector(nn.Module):
         """
         if images.ndim != self.spatial_dims + 2:
             raise ValueError(f"expected a ({self.spatial_dims + 2})-dim batch, got shape {tuple(images.shape)}")
-        features = self.backbone(images)
+        features = self.backbone(images.contiguous(memory_format=self.memory_format))
         out = self.rpn(features, self.strides, images.shape[2:])
         return features, out
 

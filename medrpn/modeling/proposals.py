@@ -76,7 +76,7 @@ def select_proposals(
         ``B`` :class:`Proposals`, detached, sorted by decreasing objectness.
     """
     spatial_dims = anchors.shape[1] // 2
-    log_odds = objectness_log_odds(objectness_logits.detach())  # (B, N)
+    log_odds = objectness_log_odds(objectness_logits.detach().float())  # (B, N); float32 under autocast
     deltas = deltas.detach()
     size = torch.tensor([float(s) for s in image_shape], dtype=anchors.dtype, device=anchors.device)
     out: list[Proposals] = []

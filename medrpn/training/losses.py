@@ -166,7 +166,7 @@ class RPNLoss:
             sampled = t.sampled_pos | t.sampled_neg
             n_sampled += int(sampled.sum())
             target = t.sampled_pos[sampled].to(logits.dtype)
-            lg = logits[b][sampled]  # (S, K)
+            lg = logits[b][sampled].float()  # (S, K); float32 under bf16/fp16 autocast
             if lg.shape[-1] == 1:
                 obj_terms.append(F.binary_cross_entropy_with_logits(lg[:, 0], target, reduction="sum"))
             else:
@@ -178,9 +178,8 @@ class RPNLoss:
             if self.box_loss == "smooth_l1":
                 with torch.no_grad():
                     reg_target = coder.encode_single(t.gt_boxes[pos].float(), anchors[pos].float())
-                box_terms.append(
-                    F.smooth_l1_loss(deltas[b][pos], reg_target.to(deltas), beta=self.smooth_l1_beta, reduction="sum")
-                )
+                pred = deltas[b][pos].float()
+                box_terms.append(F.smooth_l1_loss(pred, reg_target, beta=self.smooth_l1_beta, reduction="sum"))
             else:
                 pred = coder.decode_single(deltas[b][pos].float(), anchors[pos].float())
                 giou = box_pair_giou(pred, t.gt_boxes[pos].float())

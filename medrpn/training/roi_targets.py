@@ -147,7 +147,7 @@ def lesion_head_loss(
     if classes.numel() == 0:
         zero = logits.sum() * 0.0
         return HeadLossTerms(zero, deltas.sum() * 0.0)
-    cls_loss = F.cross_entropy(logits, classes)
+    cls_loss = F.cross_entropy(logits.float(), classes)  # float32 under bf16/fp16 autocast
     pos = torch.nonzero(classes > 0).squeeze(1)
     if pos.numel() == 0:
         return HeadLossTerms(class_weight * cls_loss, deltas.sum() * 0.0)
@@ -155,6 +155,6 @@ def lesion_head_loss(
         rois = torch.cat([t.rois for t in targets])
         gts = torch.cat([t.gt_boxes for t in targets])
         reg_target = coder.encode_single(gts[pos].float(), rois[pos].float())
-    pred = deltas[pos, classes[pos] - 1]
-    box_loss = F.smooth_l1_loss(pred, reg_target.to(pred), beta=smooth_l1_beta, reduction="sum") / classes.numel()
+    pred = deltas[pos, classes[pos] - 1].float()
+    box_loss = F.smooth_l1_loss(pred, reg_target, beta=smooth_l1_beta, reduction="sum") / classes.numel()
     return HeadLossTerms(class_weight * cls_loss, box_weight * box_loss)

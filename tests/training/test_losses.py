@@ -36,6 +36,27 @@ def test_loss_terms_are_named_finite_and_differentiable(spatial_dims: int, objec
     assert feats[0].grad is not None and torch.isfinite(feats[0].grad).all()
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_loss_is_float32_under_bfloat16_autocast(spatial_dims: int) -> None:
+    """``precision: bf16-mixed`` on a CPU: bf16 predictions, float32 loss terms close to the float32 loss."""
+    d = spatial_dims
+    torch.manual_seed(0)
+    rpn = _rpn(d)
+    feats = [torch.randn(2, 8, *([8] * d), requires_grad=True)]
+    gt = [torch.tensor([[4.0] * d + [14.0] * d]), torch.zeros(0, 2 * d)]
+    loss_fn = RPNLoss(sampler=BalancedSampler(batch_size_per_image=10_000))  # every anchor: no sampling noise
+    ref = loss_fn(rpn(feats, strides=[[4] * d], image_shape=[32] * d), gt, rpn.box_coder, rpn.num_anchors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rpn(feats, strides=[[4] * d], image_shape=[32] * d)
+        assert out.objectness_logits.dtype == torch.bfloat16
+        loss = loss_fn(out, gt, rpn.box_coder, rpn.num_anchors)
+    for name, term in loss.as_dict().items():
+        assert term.dtype == torch.float32 and torch.isfinite(term), name
+        torch.testing.assert_close(term, ref.as_dict()[name], atol=2e-2, rtol=2e-2)
+    loss.total.backward()
+    assert feats[0].grad is not None and torch.isfinite(feats[0].grad).all()
+
+
 def test_objectness_loss_matches_hand_computation() -> None:
     """All-zero logits give BCE = log 2 on every sampled anchor."""
     rpn = _rpn(2)

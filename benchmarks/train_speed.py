@@ -1,0 +1,144 @@
+"""Training-step throughput on a CPU: float32 versus bfloat16 autocast, contiguous versus channels-last.
+
+What it measures: full optimisation steps (forward, RPN + lesion-head losses, backward, AdamW step) of the model
+and the data of a config (default ``configs/demo.yaml``), built by the Lightning CLI exactly as ``medrpn fit``
+builds them (``run=False``), on the same prefetched training batches of the built-in synthetic data. Four
+variants, each in a **fresh subprocess** so that oneDNN caches and allocator state do not leak between them:
+
+- ``fp32`` — float32, contiguous tensors: the **reference**;
+- ``fp32+cl`` — float32, channels-last conv weights and activations (``channels_last: true``);
+- ``bf16`` — ``torch.autocast("cpu", dtype=torch.bfloat16)`` (what ``--trainer.precision bf16-mixed`` does);
+- ``bf16+cl`` — both.
+
+Each subprocess runs ``--warmup`` steps, then ``--steps`` timed steps, ``--repeats`` times; the per-step median
+of every repeat is kept, and the table shows the median over repeats and the speed-up against ``fp32`` measured
+in the same invocation. bfloat16 is fast only where the CPU has native bf16 instructions (AVX512-BF16 / AMX);
+elsewhere autocast can be slower than float32, which this table shows.
+
+Usage::
+
+    .venv/bin/python benchmarks/train_speed.py                      # demo config, 3 repeats
+    .venv/bin/python benchmarks/train_speed.py --repeats 5 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (bf16 autocast, channels_last)
+    "fp32": (False, False),
+    "fp32+cl": (False, True),
+    "bf16": (True, False),
+    "bf16+cl": (True, True),
+}
+
+
+def _ensure_data() -> Path:
+    from medrpn.data.synthetic import generate_dataset
+
+    train = REPO / "data" / "synthetic"
+    if not (train / "datalist.json").is_file():
+        generate_dataset(train, cases=30, seed=0)
+    return train / "datalist.json"
+
+
+def worker(config: Path, variant: str, warmup: int, steps: int, repeats: int) -> dict[str, Any]:
+    """Build model + data with the CLI, time ``repeats`` x ``steps`` optimisation steps of one variant."""
+    import torch
+
+    from medrpn.anchors_planning import plan_for_training
+    from medrpn.cli import MedrpnCLI
+    from medrpn.data.datamodule import LesionDataModule
+    from medrpn.module import LesionDetectionModule
+
+    bf16, channels_last = VARIANTS[variant]
+    torch.manual_seed(0)
+    cli = MedrpnCLI(
+        LesionDetectionModule,
+        LesionDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(config),
+            f"--data.datalist={_ensure_data()}",
+            "--data.cache=none",
+            f"--model.detector.init_args.channels_last={str(channels_last).lower()}",
+        ],
+        parser_kwargs={"default_env": False},
+    )
+    module, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    plan_for_training(module, dm)  # `shapes: auto` -> planned anchors, as at fit start
+    batches: list[dict[str, Any]] = []
+    while len(batches) < warmup + steps:  # an epoch of the demo data is 12 batches: take several
+        batches += list(itertools.islice(dm.train_dataloader(), warmup + steps - len(batches)))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    module.train()
+
+    def step(batch: dict[str, Any]) -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.compute_losses(batch)["loss"]
+        loss.backward()
+        opt.step()
+
+    medians = []
+    for _ in range(repeats):
+        for b in batches[:warmup]:
+            step(b)
+        times = []
+        for b in batches[warmup:]:
+            t0 = time.perf_counter()
+            step(b)
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times))
+    shape = tuple(batches[0]["image"].shape)
+    return {"variant": variant, "medians": medians, "batch_shape": shape, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every variant in its own process and print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each repeat")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per variant (median reported)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.config, args.worker, args.warmup, args.steps, args.repeats)))
+        return 0
+    results: dict[str, dict[str, Any]] = {}
+    for v in args.variants:
+        cmd = [sys.executable, __file__, "--worker", v, "--config", str(args.config)]
+        cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+        results[v] = json.loads(out.strip().splitlines()[-1])
+        print(f"{v}: {[round(m, 3) for m in results[v]['medians']]} s/step", file=sys.stderr, flush=True)
+    first = next(iter(results.values()))
+    ref = statistics.median(results["fp32"]["medians"]) if "fp32" in results else None
+    print(
+        f"\n{args.config.name}: batch {first['batch_shape']}, {first['threads']} torch threads, "
+        f"{args.steps} timed steps x {args.repeats} repeats per variant\n"
+    )
+    print("| variant | s/step (median) | steps/s | speed-up vs fp32 |")
+    print("|---|---:|---:|---:|")
+    for v, r in results.items():
+        med = statistics.median(r["medians"])
+        ratio = f"{ref / med:.2f}x" if ref else "-"
+        print(f"| {v} | {med:.3f} | {1.0 / med:.2f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
