@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from medrpn.inference.writer import ScanPredictionWriter
+from medrpn.training.checkpointing import BestAndLastCheckpoint
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -84,7 +84,7 @@ class MedrpnCLI(LightningCLI):
             ("data.slice_context", "model.preprocessing.slice_context"),
         ):
             parser.link_arguments(src, dst)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ScanPredictionWriter, "prediction_writer")
         parser.link_arguments("prediction_writer.output_dir", "data.predict_output")
         parser.link_arguments("prediction_writer.overwrite", "data.predict_overwrite")

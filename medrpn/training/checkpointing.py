@@ -1,0 +1,43 @@
+"""``BestAndLastCheckpoint``: the best checkpoint by a metric, and a ``last.ckpt`` that really is the last.
+
+Lightning's ``ModelCheckpoint(save_last=True)`` (2.x) refreshes ``last.ckpt`` only when it also saves a top-k
+checkpoint, i.e. when the monitored metric improved. With the best kept by validation CPM, a run whose CPM
+peaks early would leave ``last.ckpt`` at that early epoch, not at the end of training. This subclass also
+writes ``last.ckpt`` after every validation and at the end of training, through the public
+``Trainer.save_checkpoint`` (so the module's ``on_save_checkpoint`` still stores what inference needs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` (with ``save_last``) always holds the latest weights.
+
+    Takes exactly :class:`~pytorch_lightning.callbacks.ModelCheckpoint`'s arguments.
+    """
+
+    def _write_last(self, trainer: pl.Trainer) -> None:
+        if not self.save_last or self.dirpath is None or trainer.sanity_checking:
+            return
+        if getattr(self, "_last_written_step", None) == trainer.global_step or trainer.global_step == 0:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(str(path))  # collective call: every rank, rank 0 writes
+        self.last_model_path = str(path)
+        self._last_written_step = trainer.global_step
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the best (parent), then refresh ``last.ckpt``."""
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit":
+            self._write_last(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write ``last.ckpt`` with the final weights."""
+        super().on_train_end(trainer, pl_module)
+        self._write_last(trainer)
