@@ -85,8 +85,8 @@ class LesionDetector(nn.Module):
         head: lesion-head settings.
         rpn_only: no lesion head; proposals are the output.
         channels_last: keep conv weights and activations channels-last (``torch.channels_last`` in 2D,
-            ``channels_last_3d`` in 3D). oneDNN's CPU convolutions are markedly faster in that layout (the
-            demo backbone's forward + backward: 1.4x in float32, 2.1x with bfloat16 autocast, see the README);
+            ``channels_last_3d`` in 3D). oneDNN's CPU convolutions are faster in that layout (the demo's training
+            step: 1.19x in float32, 1.82x together with bfloat16 autocast, ``benchmarks/train_speed.py``);
             results are the same up to float rounding.
     """
 

@@ -21,10 +21,12 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     Takes exactly :class:`~pytorch_lightning.callbacks.ModelCheckpoint`'s arguments.
     """
 
+    _last_written_step: int | None = None  # global step of the last ``last.ckpt`` this callback wrote
+
     def _write_last(self, trainer: pl.Trainer) -> None:
         if not self.save_last or self.dirpath is None or trainer.sanity_checking:
             return
-        if getattr(self, "_last_written_step", None) == trainer.global_step or trainer.global_step == 0:
+        if trainer.global_step in (0, self._last_written_step):
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(str(path))  # collective call: every rank, rank 0 writes

@@ -165,8 +165,8 @@ class RPNLoss:
         for b, t in enumerate(targets):
             sampled = t.sampled_pos | t.sampled_neg
             n_sampled += int(sampled.sum())
-            target = t.sampled_pos[sampled].to(logits.dtype)
             lg = logits[b][sampled].float()  # (S, K); float32 under bf16/fp16 autocast
+            target = t.sampled_pos[sampled].to(lg.dtype)
             if lg.shape[-1] == 1:
                 obj_terms.append(F.binary_cross_entropy_with_logits(lg[:, 0], target, reduction="sum"))
             else:
