@@ -8,7 +8,10 @@
 - **2D** (:func:`detect_slices`): slice by slice along the last axis (with ``slice_context``
   neighbours as channels), then detections on consecutive slices that overlap in-plane
   (IoU >= ``link_iou``) are linked into one 3D finding: the union of the in-plane boxes, the z range
-  of the linked slices, the best slice's score and class probabilities.
+  of the linked slices, the best slice's class probabilities, and a score from the slices' lesion
+  probabilities: ``noisy_or`` (default) ``1 - prod(1 - p)`` over the ``slice_score_top_k`` best slices, so
+  that evidence seen on several neighbouring slices outranks a look-alike seen on one slice (a vessel
+  cross-section, noise), or ``max``, the best slice's probability.
 - Optional flip test-time augmentation: every patch/slice is also run flipped along each in-plane
   axis; boxes are flipped back and merged by the same NMS.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,10 @@ class WholeScanConfig:
         flip_tta: also run flipped along the in-plane axes.
         slice_batch: slices per forward pass in 2D.
         link_iou: in-plane IoU that links 2D detections on neighbouring slices.
+        slice_score: 2D only, how a linked finding is scored from its slices: ``"noisy_or"``
+            (``1 - prod(1 - p)`` over its ``slice_score_top_k`` most probable slices) or ``"max"``.
+            Noisy-OR scores are kept in float64: slice probabilities near 1 would round to ties in float32.
+        slice_score_top_k: slices combined by ``"noisy_or"``.
         heatmap: compute the objectness heatmap.
     """
 
@@ -59,7 +67,15 @@ class WholeScanConfig:
     flip_tta: bool = False
     slice_batch: int = 8
     link_iou: float = 0.3
+    slice_score: Literal["max", "noisy_or"] = "noisy_or"
+    slice_score_top_k: int = 3
     heatmap: bool = False
+
+    def __post_init__(self) -> None:
+        if self.slice_score not in ("max", "noisy_or"):
+            raise ValueError(f"slice_score must be 'max' or 'noisy_or', got {self.slice_score!r}")
+        if self.slice_score_top_k < 1:
+            raise ValueError(f"slice_score_top_k must be >= 1, got {self.slice_score_top_k}")
 
 
 @dataclass
@@ -253,7 +269,13 @@ def detect_volume(
     return ScanDetections(merged, merged_props, heat)
 
 
-def _link_slices(per_slice: Sequence[Detections], link_iou: float, max_gap: int = 1) -> Detections:
+def _link_slices(
+    per_slice: Sequence[Detections],
+    link_iou: float,
+    max_gap: int = 1,
+    slice_score: Literal["max", "noisy_or"] = "max",
+    top_k: int = 3,
+) -> Detections:
     """Link 2D detections on neighbouring slices into 3D findings (see module docstring)."""
     tracks: list[dict] = []
     for k, det in enumerate(per_slice):
@@ -269,7 +291,16 @@ def _link_slices(per_slice: Sequence[Detections], link_iou: float, max_gap: int 
                 if iou >= best_iou:
                     best, best_iou = t_idx, iou
             if best is None:
-                tracks.append({"first": k, "last": k, "last_box": box, "union": box.clone(), "best": (det, i)})
+                tracks.append(
+                    {
+                        "first": k,
+                        "last": k,
+                        "last_box": box,
+                        "union": box.clone(),
+                        "best": (det, i),
+                        "scores": [det.scores[i]],
+                    }
+                )
                 used.add(len(tracks) - 1)
             else:
                 t = tracks[best]
@@ -277,6 +308,7 @@ def _link_slices(per_slice: Sequence[Detections], link_iou: float, max_gap: int 
                 t["union"] = torch.cat([torch.minimum(t["union"][:2], box[:2]), torch.maximum(t["union"][2:], box[2:])])
                 if float(det.scores[i]) > float(t["best"][0].scores[t["best"][1]]):
                     t["best"] = (det, i)
+                t["scores"].append(det.scores[i])
                 used.add(best)
     if not tracks:
         ref = per_slice[0] if per_slice else None
@@ -289,7 +321,11 @@ def _link_slices(per_slice: Sequence[Detections], link_iou: float, max_gap: int 
         boxes.append(
             torch.stack([u[0], u[1], torch.tensor(float(t["first"])), u[2], u[3], torch.tensor(float(t["last"] + 1))])
         )
-        scores.append(det.scores[i])
+        if slice_score == "noisy_or":
+            probs_k = torch.stack(t["scores"]).double().clamp(0.0, 1.0).topk(min(top_k, len(t["scores"]))).values
+            scores.append(-torch.expm1(torch.log1p(-probs_k).sum()))
+        else:
+            scores.append(det.scores[i])
         labels.append(det.labels[i])
         probs.append(det.class_probs[i])
         obj.append(det.objectness[i])
@@ -338,7 +374,7 @@ def detect_slices(
                 heat[..., k] = h[j]
         if progress is not None:
             progress(ks[-1] + 1, depth)
-    linked = _link_slices(per_slice, config.link_iou)
+    linked = _link_slices(per_slice, config.link_iou, slice_score=config.slice_score, top_k=config.slice_score_top_k)
     order = torch.argsort(linked.scores, descending=True, stable=True)[: config.max_detections]
     merged_props = (
         _nms_props(_cat_props(prop_parts), 0.5, config.max_proposals)

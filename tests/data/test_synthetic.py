@@ -10,7 +10,6 @@ import csv
 import filecmp
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -374,10 +373,8 @@ def test_default_geometry_is_a_plausible_chest() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Speed and CLI
 # ----------------------------------------------------------------------------------------------------------------
-def test_three_small_cases_are_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_three_small_cases(tmp_path: Path) -> None:
     summary = generate_dataset(tmp_path, cases=3, seed=0, shape=(64, 64, 32))
-    assert time.perf_counter() - start < 20.0
     assert summary.case_ids == ("case_000", "case_001", "case_002")
     assert len(summary.training_ids) + len(summary.validation_ids) == 3 and len(summary.validation_ids) == 1
 

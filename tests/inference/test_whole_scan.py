@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medrpn.inference.whole_scan import WholeScanConfig, detect_slices, detect_volume
+from medrpn.inference.whole_scan import WholeScanConfig, _link_slices, detect_slices, detect_volume
 from medrpn.modeling.structures import Detections, Proposals, RPNOutput
 
 
@@ -102,3 +102,39 @@ def test_slice_detections_are_linked_into_3d_findings() -> None:
     result = detect_slices(det, _volume(cubes), WholeScanConfig(slice_batch=7), context=1)  # type: ignore[arg-type]
     got = sorted(result.detections.boxes.numpy().tolist())
     np.testing.assert_allclose(got, sorted([list(c) for c in cubes]))
+
+
+def _slice_dets(boxes: list[list[float]], scores: list[float]) -> Detections:
+    s = torch.tensor(scores, dtype=torch.float32)
+    return Detections(
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), s, torch.zeros(len(s), dtype=torch.long), s[:, None], s
+    )
+
+
+def test_noisy_or_ranks_a_finding_seen_on_several_slices_above_a_one_slice_look_alike() -> None:
+    empty = _slice_dets([], [])
+    # finding A on slices 0-2 (p = 0.6 each), look-alike B on slice 5 only (p = 0.9)
+    per_slice = [_slice_dets([[0, 0, 10, 10]], [0.6])] * 3 + [empty, empty, _slice_dets([[30, 30, 40, 40]], [0.9])]
+    by_max = _link_slices(per_slice, 0.3, slice_score="max")
+    by_or = _link_slices(per_slice, 0.3, slice_score="noisy_or", top_k=3)
+    by_or2 = _link_slices(per_slice, 0.3, slice_score="noisy_or", top_k=2)
+    np.testing.assert_allclose(by_max.boxes.numpy(), [[0, 0, 0, 10, 10, 3], [30, 30, 5, 40, 40, 6]])
+    np.testing.assert_allclose(by_max.scores.numpy(), [0.6, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(by_or.scores.numpy(), [1 - 0.4**3, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(by_or2.scores.numpy(), [1 - 0.4**2, 0.9], rtol=1e-6)
+
+
+def test_noisy_or_keeps_near_certain_findings_apart() -> None:
+    # float32 would round both to 1.0; three confident slices must still outrank two
+    p = 1.0 - 1e-4
+    per_slice = [_slice_dets([[0, 0, 10, 10], [30, 30, 40, 40]], [p, p])] * 2 + [_slice_dets([[0, 0, 10, 10]], [p])]
+    linked = _link_slices(per_slice, 0.3, slice_score="noisy_or", top_k=3)
+    assert linked.scores.dtype == torch.float64
+    assert float(linked.scores[0]) > float(linked.scores[1]) > 0.9999
+
+
+def test_whole_scan_config_rejects_an_unknown_slice_score() -> None:
+    with pytest.raises(ValueError, match="slice_score"):
+        WholeScanConfig(slice_score="mean")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="slice_score_top_k"):
+        WholeScanConfig(slice_score_top_k=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from monai.data.box_utils import box_iou
@@ -120,7 +118,7 @@ def _blob_image(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_rpn_overfits_bright_blobs(spatial_dims: int) -> None:
-    """The RPN alone finds every blob (IoU >= 0.5) within its top 10 proposals in under a minute."""
+    """The RPN alone finds every blob (IoU >= 0.5) within its top 10 proposals in at most 400 steps."""
     d = spatial_dims
     torch.manual_seed(0)
     img, gt = _blob_image(d)
@@ -137,7 +135,6 @@ def test_rpn_overfits_bright_blobs(spatial_dims: int) -> None:
     )
     params = list(backbone.parameters()) + list(rpn.parameters())
     opt = torch.optim.Adam(params, lr=3e-3)
-    start = time.perf_counter()
     recall = 0.0
     for step in range(400):
         backbone.train()
@@ -157,6 +154,4 @@ def test_rpn_overfits_bright_blobs(spatial_dims: int) -> None:
             recall = float((iou.max(dim=1).values >= 0.5).float().mean()) if len(props) else 0.0
             if recall == 1.0:
                 break
-    elapsed = time.perf_counter() - start
     assert recall == 1.0, f"recall {recall} after {step + 1} steps"
-    assert elapsed < 60.0, f"took {elapsed:.1f} s"
