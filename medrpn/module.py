@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,16 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
-from medrpn.evaluation.froc import FROCResult, ScanCandidates, ScanLesions, compute_froc
+from medrpn.evaluation.froc import (
+    BootstrapInterval,
+    DiameterBand,
+    FROCResult,
+    ScanCandidates,
+    ScanLesions,
+    bootstrap_cpm,
+    compute_froc,
+    froc_by_diameter,
+)
 from medrpn.evaluation.metrics import class_confusion, detection_map, per_class_ap, proposal_recall
 from medrpn.evaluation.plots import plot_froc
 from medrpn.geometry import image_to_world_boxes
@@ -391,20 +400,44 @@ class LesionDetectionModule(pl.LightningModule):
         checkpoint["hyper_parameters"] = _plain_data(dict(checkpoint.get("hyper_parameters", {})))
 
 
+DIAMETER_BANDS_MM: tuple[float, ...] = (0.0, 5.0, 10.0, math.inf)
+"""Lesion-diameter bands (mm) of the per-size CPM in :class:`ScanMetrics`: under 5, 5-10 and 10 mm or more."""
+
+
 @dataclass
 class ScanMetrics:
-    """Epoch metrics over whole scans."""
+    """Epoch metrics over whole scans.
+
+    Attributes:
+        scalars: flat metrics (``cpm``, its bootstrap bounds ``cpm_ci_low``/``cpm_ci_high``, ``sens@Rfp``,
+            AP, proposal recall, per-class AP).
+        froc: the FROC over all lesions (``None`` without lesions).
+        confusion: lesion-class confusion matrix of matched detections (``None`` for one class).
+        class_names: lesion class names.
+        cpm_interval: 95% bootstrap interval of the CPM over scans.
+        diameter_bands: CPM per lesion-diameter band (:data:`DIAMETER_BANDS_MM`).
+    """
 
     scalars: dict[str, float]
     froc: FROCResult | None
     confusion: np.ndarray | None
     class_names: list[str]
+    cpm_interval: BootstrapInterval | None = None
+    diameter_bands: list[DiameterBand] = field(default_factory=list)
 
     def report(self, prefix: str) -> str:
         """A human-readable report: FROC table, detection and recall metrics, confusion matrix."""
         lines = [f"== {prefix} ({len(self.class_names)} lesion classes) ==", ""]
         if self.froc is not None:
             lines += [self.froc.table(), ""]
+        if self.cpm_interval is not None:
+            lines += [f"CPM {self.cpm_interval} over {self.froc.num_scans if self.froc else '?'} scans", ""]
+        if self.diameter_bands:
+            lines.append("CPM by lesion diameter (lesions of the other bands excluded, LUNA16 rule):")
+            for band in self.diameter_bands:
+                cpm = "   -" if band.froc is None else f"{band.froc.cpm:.3f}"
+                lines.append(f"{band.label + ' mm':>14}: {cpm}  ({band.num_lesions} lesions)")
+            lines.append("")
         for k, v in self.scalars.items():
             if not k.startswith("sens@"):
                 lines.append(f"{k:>24}: {v:.4f}")
@@ -436,7 +469,9 @@ def evaluate_scans(
     cands = [ScanCandidates.from_boxes(o["case_id"], o["boxes"], np.clip(o["scores"], 0, None)) for o in outputs]
     lesions = [ScanLesions.from_boxes(o["case_id"], o["gt"]) for o in outputs]
     froc = compute_froc(cands, lesions)
-    scalars: dict[str, float] = {"cpm": float(froc.cpm)}
+    interval = bootstrap_cpm(cands, lesions, resamples=1000, seed=0)
+    bands = froc_by_diameter(cands, lesions, edges=DIAMETER_BANDS_MM)
+    scalars: dict[str, float] = {"cpm": float(froc.cpm), "cpm_ci_low": interval.low, "cpm_ci_high": interval.high}
     for rate, sens in zip(froc.fp_rates, froc.sensitivities):
         scalars[f"sens@{rate:g}fp"] = float(sens)
     maps = detection_map([o["boxes"] for o in outputs], [o["scores"] for o in outputs], [o["gt"] for o in outputs])
@@ -468,4 +503,4 @@ def evaluate_scans(
             score_threshold=0.5,
             iou_threshold=0.1,
         )
-    return ScanMetrics(scalars, froc, confusion, list(class_names))
+    return ScanMetrics(scalars, froc, confusion, list(class_names), interval, bands)

@@ -13,6 +13,11 @@ nanometre for world millimetres).
   hit lesion are ignored (neither true nor false positives); a candidate hitting two lesions credits both;
 - a candidate hitting no lesion is a false positive.
 
+**Excluded lesions** (LUNA16's ``annotations_excluded.csv``): a candidate that hits no counted lesion but
+hits an *excluded* one is ignored — neither a true nor a false positive. :func:`froc_by_diameter` uses this
+to read sensitivity per lesion-size band: lesions outside the band are excluded, so a hit on a large lesion
+is not counted as a false positive of the small-lesion curve.
+
 **Over a set of scans** the score threshold ``t`` sweeps over every distinct candidate score (a
 candidate is accepted when ``score >= t``), preceded by ``t = +inf`` (nothing accepted, the ``(0, 0)``
 point of ``sklearn.metrics.roc_curve`` used by LUNA16)::
@@ -42,6 +47,8 @@ LPS world millimetres, and boxes are MONAI ``StandardMode`` (``[x0, y0, z0, x1, 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -52,10 +59,14 @@ import numpy.typing as npt
 __all__ = [
     "HIT_TOLERANCE",
     "LUNA16_FP_RATES",
+    "BootstrapInterval",
+    "DiameterBand",
     "FROCResult",
     "ScanCandidates",
     "ScanLesions",
+    "bootstrap_cpm",
     "compute_froc",
+    "froc_by_diameter",
     "lesion_diameters_from_boxes",
     "match_scan",
 ]
@@ -254,21 +265,28 @@ def _hit_matrix(cand_centres: FloatArray, lesion_centres: FloatArray, diameters:
     return np.asarray(dist <= diameters[None, :] / 2.0 + HIT_TOLERANCE)
 
 
-def match_scan(candidates: ScanCandidates, lesions: ScanLesions) -> tuple[FloatArray, FloatArray]:
+def match_scan(
+    candidates: ScanCandidates, lesions: ScanLesions, excluded: ScanLesions | None = None
+) -> tuple[FloatArray, FloatArray]:
     """Apply the LUNA16 hit rule to one scan.
 
     Args:
         candidates: the scan's candidates (``K``).
-        lesions: the scan's lesions (``M``); ``scan_id`` is not checked here.
+        lesions: the scan's counted lesions (``M``); ``scan_id`` is not checked here.
+        excluded: the scan's excluded lesions: candidates hitting one of them and no counted lesion are
+            ignored (neither true nor false positives); ``None`` excludes nothing.
 
     Returns:
         ``(lesion_scores, fp_scores)``: ``(M,)`` highest score of a candidate hitting each lesion
-        (``-inf`` when missed), and ``(F,)`` scores of the candidates hitting no lesion.
+        (``-inf`` when missed), and ``(F,)`` scores of the candidates hitting no lesion (counted or excluded).
     """
     hits = _hit_matrix(candidates.centres, lesions.centres, lesions.diameters)
     scores = candidates.scores
     lesion_scores = np.where(hits, scores[:, None], -np.inf).max(axis=0, initial=-np.inf)
-    fp_scores = scores[~hits.any(axis=1)]
+    false = ~hits.any(axis=1)
+    if excluded is not None and len(excluded):
+        false &= ~_hit_matrix(candidates.centres, excluded.centres, excluded.diameters).any(axis=1)
+    fp_scores = scores[false]
     return np.asarray(lesion_scores, dtype=np.float64), np.asarray(fp_scores, dtype=np.float64)
 
 
@@ -349,6 +367,8 @@ def compute_froc(
     candidates: Sequence[ScanCandidates],
     lesions: Sequence[ScanLesions],
     fp_rates: Sequence[float] = LUNA16_FP_RATES,
+    *,
+    excluded: Sequence[ScanLesions] | None = None,
 ) -> FROCResult:
     """FROC curve, sensitivities at ``fp_rates`` and their mean (CPM) under the LUNA16 hit rule.
 
@@ -360,6 +380,8 @@ def compute_froc(
         candidates: one entry per scan (``K_i`` candidates each).
         lesions: one entry per scan (``M_i`` lesions each), same scan ids as ``candidates``.
         fp_rates: ``(R,)`` positive FP-per-scan rates; the default is LUNA16's 1/8 ... 8.
+        excluded: optional excluded lesions per scan (any subset of the scan ids): candidates hitting them
+            and no counted lesion are ignored (LUNA16's ``annotations_excluded.csv`` rule).
 
     Returns:
         The :class:`FROCResult`.
@@ -369,20 +391,36 @@ def compute_froc(
             undefined), non-positive/non-finite ``fp_rates``, or candidate and lesion centres of one
             scan with different dimensionality.
     """
+    rates = _rates(fp_rates)
+    per_scan = _match_all(candidates, lesions, excluded)
+    return _froc_from_matches(per_scan, rates)
+
+
+def _rates(fp_rates: Sequence[float]) -> FloatArray:
     rates = np.asarray(list(fp_rates), dtype=np.float64).reshape(-1)
     if rates.size == 0 or not np.all(np.isfinite(rates)) or np.any(rates <= 0):
         raise ValueError(f"fp_rates must be non-empty, finite and > 0, got {list(fp_rates)}")
+    return rates
 
-    cand_by_id: dict[str, ScanCandidates] = {}
-    for c in candidates:
-        if c.scan_id in cand_by_id:
-            raise ValueError(f"duplicate scan id {c.scan_id!r} in candidates")
-        cand_by_id[c.scan_id] = c
-    les_by_id: dict[str, ScanLesions] = {}
-    for les in lesions:
-        if les.scan_id in les_by_id:
-            raise ValueError(f"duplicate scan id {les.scan_id!r} in lesions")
-        les_by_id[les.scan_id] = les
+
+def _by_id(items: Sequence[Any], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        if it.scan_id in out:
+            raise ValueError(f"duplicate scan id {it.scan_id!r} in {what}")
+        out[it.scan_id] = it
+    return out
+
+
+def _match_all(
+    candidates: Sequence[ScanCandidates],
+    lesions: Sequence[ScanLesions],
+    excluded: Sequence[ScanLesions] | None = None,
+) -> list[tuple[FloatArray, FloatArray, FloatArray]]:
+    """Per scan ``(lesion_scores, fp_scores, all candidate scores)``, in the order of ``lesions``."""
+    cand_by_id = _by_id(candidates, "candidates")
+    les_by_id = _by_id(lesions, "lesions")
+    exc_by_id = _by_id(excluded or [], "excluded lesions")
     if cand_by_id.keys() != les_by_id.keys():
         only_c = sorted(cand_by_id.keys() - les_by_id.keys())
         only_l = sorted(les_by_id.keys() - cand_by_id.keys())
@@ -390,19 +428,25 @@ def compute_froc(
             f"scan ids differ between candidates and lesions: only in candidates {only_c[:5]}"
             f"{'...' if len(only_c) > 5 else ''}, only in lesions {only_l[:5]}{'...' if len(only_l) > 5 else ''}"
         )
-    num_scans = len(les_by_id)
-    if num_scans == 0:
+    unknown = sorted(exc_by_id.keys() - les_by_id.keys())
+    if unknown:
+        raise ValueError(f"excluded lesions of unknown scans {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+    if not les_by_id:
         raise ValueError("no scans given")
-
-    lesion_scores_l: list[FloatArray] = []
-    fp_scores_l: list[FloatArray] = []
-    all_scores_l: list[FloatArray] = []
+    out = []
     for scan_id, les in les_by_id.items():
         cand = cand_by_id[scan_id]
-        ls, fs = match_scan(cand, les)
-        lesion_scores_l.append(ls)
-        fp_scores_l.append(fs)
-        all_scores_l.append(cand.scores)
+        ls, fs = match_scan(cand, les, exc_by_id.get(scan_id))
+        out.append((ls, fs, np.asarray(cand.scores)))
+    return out
+
+
+def _froc_from_matches(per_scan: Sequence[tuple[FloatArray, FloatArray, FloatArray]], rates: FloatArray) -> FROCResult:
+    """The FROC of per-scan ``(lesion_scores, fp_scores, all_scores)`` (one entry per scan, repeats allowed)."""
+    num_scans = len(per_scan)
+    lesion_scores_l = [m[0] for m in per_scan]
+    fp_scores_l = [m[1] for m in per_scan]
+    all_scores_l = [m[2] for m in per_scan]
     lesion_scores = np.sort(np.concatenate(lesion_scores_l))
     fp_scores = np.sort(np.concatenate(fp_scores_l))
     all_scores = np.concatenate(all_scores_l)
@@ -429,3 +473,152 @@ def compute_froc(
         num_lesions=num_lesions,
         num_candidates=int(all_scores.shape[0]),
     )
+
+
+@dataclass(frozen=True)
+class DiameterBand:
+    """FROC of the lesions whose diameter lies in ``[low, high)``; the other lesions are excluded.
+
+    Attributes:
+        low: inclusive lower diameter bound (unit of the coordinates, mm in medrpn).
+        high: exclusive upper bound (``inf`` for an open band).
+        num_lesions: lesions in the band over all scans.
+        froc: the band's FROC (``None`` when no lesion falls in the band).
+    """
+
+    low: float
+    high: float
+    num_lesions: int
+    froc: FROCResult | None
+
+    @property
+    def label(self) -> str:
+        """``"3-5"``, ``">= 10"`` or ``"< 5"`` style band name."""
+        if math.isinf(self.high):
+            return f">= {self.low:g}"
+        if self.low <= 0:
+            return f"< {self.high:g}"
+        return f"{self.low:g}-{self.high:g}"
+
+
+def froc_by_diameter(
+    candidates: Sequence[ScanCandidates],
+    lesions: Sequence[ScanLesions],
+    edges: Sequence[float] = (0.0, 5.0, 10.0, math.inf),
+    fp_rates: Sequence[float] = LUNA16_FP_RATES,
+) -> list[DiameterBand]:
+    """FROC per lesion-diameter band, with the lesions of the other bands excluded.
+
+    A candidate hitting a lesion of another band is ignored, not a false positive: the false-positive axis
+    is the same background for every band, so a band's CPM says how well lesions of that size rank above
+    the false positives.
+
+    Args:
+        candidates: one entry per scan.
+        lesions: one entry per scan (same ids).
+        edges: increasing band edges; band ``i`` is ``[edges[i], edges[i + 1])``.
+        fp_rates: FP-per-scan rates of the operating points.
+
+    Returns:
+        One :class:`DiameterBand` per band (``froc`` ``None`` for an empty band).
+
+    Raises:
+        ValueError: fewer than two edges, or edges not strictly increasing; the errors of :func:`compute_froc`.
+    """
+    e = [float(x) for x in edges]
+    if len(e) < 2 or any(b <= a for a, b in itertools.pairwise(e)):
+        raise ValueError(f"edges must be at least two strictly increasing values, got {list(edges)}")
+    rates = _rates(fp_rates)
+    bands = []
+    for low, high in itertools.pairwise(e):
+        inside: list[ScanLesions] = []
+        outside: list[ScanLesions] = []
+        for les in lesions:
+            m = (les.diameters >= low) & (les.diameters < high)
+            inside.append(ScanLesions(les.scan_id, les.centres[m].reshape(-1, les.centres.shape[1]), les.diameters[m]))
+            outside.append(
+                ScanLesions(les.scan_id, les.centres[~m].reshape(-1, les.centres.shape[1]), les.diameters[~m])
+            )
+        n = sum(len(x) for x in inside)
+        froc = None
+        if n:
+            per_scan = _match_all(candidates, inside, outside)
+            froc = _froc_from_matches(per_scan, rates)
+        bands.append(DiameterBand(low=low, high=high, num_lesions=n, froc=froc))
+    return bands
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """Percentile bootstrap interval of the CPM over scans.
+
+    Attributes:
+        cpm: the CPM of the scans as given.
+        low: lower bound.
+        high: upper bound.
+        level: confidence level (e.g. 0.95).
+        resamples: bootstrap resamples used (resamples without any lesion are redrawn).
+    """
+
+    cpm: float
+    low: float
+    high: float
+    level: float
+    resamples: int
+
+    def __str__(self) -> str:
+        return f"{self.cpm:.3f} ({self.level:.0%} CI {self.low:.3f}-{self.high:.3f}, scan bootstrap)"
+
+
+def bootstrap_cpm(
+    candidates: Sequence[ScanCandidates],
+    lesions: Sequence[ScanLesions],
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    fp_rates: Sequence[float] = LUNA16_FP_RATES,
+) -> BootstrapInterval:
+    """Percentile bootstrap confidence interval of the CPM, resampling whole scans with replacement.
+
+    Scans, not lesions, are the independent units (lesions of one scan share its false positives), so
+    each resample draws ``S`` scans with replacement from the ``S`` given and recomputes the FROC; a
+    resample without any lesion is drawn again. With 10 scans and 16 lesions the interval is wide —
+    which is the point: it says how far one held-out split can be trusted.
+
+    Args:
+        candidates: one entry per scan.
+        lesions: one entry per scan (same ids).
+        resamples: bootstrap resamples (>= 10).
+        level: confidence level in (0, 1).
+        seed: random seed (the interval is deterministic for a seed).
+        fp_rates: FP-per-scan rates of the operating points.
+
+    Returns:
+        The :class:`BootstrapInterval`.
+
+    Raises:
+        ValueError: ``resamples < 10``, ``level`` outside (0, 1); the errors of :func:`compute_froc`.
+    """
+    if resamples < 10:
+        raise ValueError(f"resamples must be >= 10, got {resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rates = _rates(fp_rates)
+    per_scan = _match_all(candidates, lesions)
+    full = _froc_from_matches(per_scan, rates)
+    has_lesion = np.array([m[0].shape[0] > 0 for m in per_scan])
+    rng = np.random.default_rng(seed)
+    n = len(per_scan)
+    cpms = np.empty(resamples, dtype=np.float64)
+    done = 0
+    while done < resamples:
+        idx = rng.integers(0, n, size=n)
+        if not has_lesion[idx].any():
+            continue
+        picked = [per_scan[i] for i in idx]
+        cpms[done] = _froc_from_matches(picked, rates).cpm
+        done += 1
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(cpms, [alpha, 1.0 - alpha])
+    return BootstrapInterval(cpm=full.cpm, low=float(low), high=float(high), level=level, resamples=resamples)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ from medrpn.evaluation.froc import (
     FROCResult,
     ScanCandidates,
     ScanLesions,
+    bootstrap_cpm,
     compute_froc,
+    froc_by_diameter,
     lesion_diameters_from_boxes,
 )
 from medrpn.evaluation.plots import plot_froc
@@ -281,3 +284,106 @@ def test_property_adding_top_scoring_true_positive_never_lowers_sensitivity(
     after = compute_froc([*cands[:i], new, *cands[i + 1 :]], lesions)
     assert np.all(after.sensitivities >= before.sensitivities - 1e-12)
     assert after.cpm >= before.cpm - 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Excluded lesions, diameter bands, bootstrap interval
+# ----------------------------------------------------------------------------------------------------------------
+def test_excluded_lesion_hit_is_neither_true_nor_false_positive() -> None:
+    """Scan A: counted lesion at 0 (d=10), excluded lesion at x=50 (d=6).
+
+    0.9 hits the counted lesion; 0.8 hits only the excluded one (ignored); 0.4 hits nothing (FP).
+    Without the exclusion 0.8 would be an FP ranked above nothing else.
+    """
+    cands = [_c("A", [[1, 0, 0], [50, 1, 0], [20, 20, 20]], [0.9, 0.8, 0.4])]
+    lesions = [_l("A", [[0, 0, 0]], [10])]
+    excluded = [_l("A", [[50, 0, 0]], [6])]
+    with_exc = compute_froc(cands, lesions, excluded=excluded)
+    without = compute_froc(cands, lesions)
+    assert with_exc.fps_per_scan[-1] == 1.0  # only the 0.4 candidate
+    assert without.fps_per_scan[-1] == 2.0
+    assert with_exc.num_lesions == 1 and with_exc.max_sensitivity == 1.0
+
+
+def test_candidate_hitting_counted_and_excluded_lesion_is_a_hit() -> None:
+    cands = [_c("A", [[3, 0, 0]], [0.7])]
+    froc = compute_froc(cands, [_l("A", [[0, 0, 0]], [8])], excluded=[_l("A", [[6, 0, 0]], [8])])
+    assert froc.max_sensitivity == 1.0 and froc.fps_per_scan[-1] == 0.0
+
+
+def test_excluded_lesions_of_an_unknown_scan_are_rejected() -> None:
+    cands, lesions = _hand_case()
+    with pytest.raises(ValueError, match="unknown scans"):
+        compute_froc(cands, lesions, excluded=[_l("Z", [[0, 0, 0]], [5])])
+
+
+def test_froc_by_diameter_hand_case() -> None:
+    """Scan A: a 4 mm lesion at 0 and a 12 mm lesion at x=40; scan B: nothing.
+
+    Candidates: 0.95 on the 12 mm lesion, 0.6 on the 4 mm lesion, 0.8 FP in B.
+    Band < 5: the 0.95 hit is ignored (not an FP), the small lesion comes after the 0.8 FP:
+    sensitivity 0 up to 1/2 FP/scan, 1 from then on -> at 1/8, 1/4: 0; at 1/2: 1 (vertical step, upper end).
+    Band >= 10: the 12 mm lesion is found at 0.95 before any FP -> sensitivity 1 everywhere.
+    Band 5-10: empty.
+    """
+    cands = [_c("A", [[40, 0, 0], [0.5, 0, 0]], [0.95, 0.6]), _c("B", [[0, 0, 0]], [0.8])]
+    lesions = [_l("A", [[0, 0, 0], [40, 0, 0]], [4, 12]), _l("B", [], [])]
+    small, mid, large = froc_by_diameter(cands, lesions, edges=(0, 5, 10, math.inf))
+    assert (small.label, mid.label, large.label) == ("< 5", "5-10", ">= 10")
+    assert (small.num_lesions, mid.num_lesions, large.num_lesions) == (1, 0, 1)
+    assert mid.froc is None
+    assert small.froc is not None and large.froc is not None
+    np.testing.assert_allclose(small.froc.sensitivities, [0, 0, 1, 1, 1, 1, 1])
+    assert small.froc.fps_per_scan[-1] == 0.5  # the 0.95 hit on the large lesion is not an FP
+    np.testing.assert_allclose(large.froc.sensitivities, np.ones(7))
+
+
+def test_froc_by_diameter_rejects_bad_edges() -> None:
+    cands, lesions = _hand_case()
+    for edges in [(5.0,), (0.0, 5.0, 5.0), (10.0, 5.0)]:
+        with pytest.raises(ValueError, match="strictly increasing"):
+            froc_by_diameter(cands, lesions, edges=edges)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1))
+def test_one_open_band_equals_the_plain_froc(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    cands, lesions = [], []
+    for s in range(int(rng.integers(1, 5))):
+        m = int(rng.integers(0, 4))
+        k = int(rng.integers(0, 8))
+        lesions.append(_l(f"s{s}", rng.uniform(0, 40, (m, 3)).tolist(), rng.uniform(2, 20, m).tolist()))
+        cands.append(_c(f"s{s}", rng.uniform(0, 40, (k, 3)).tolist(), rng.uniform(0, 1, k).round(2).tolist()))
+    assume(sum(len(x) for x in lesions) > 0)
+    (band,) = froc_by_diameter(cands, lesions, edges=(0.0, math.inf))
+    plain = compute_froc(cands, lesions)
+    assert band.froc is not None
+    np.testing.assert_array_equal(band.froc.sensitivities, plain.sensitivities)
+    np.testing.assert_array_equal(band.froc.fps_per_scan, plain.fps_per_scan)
+
+
+def test_bootstrap_cpm_is_deterministic_and_brackets_the_spread() -> None:
+    cands, lesions = _hand_case()
+    a = bootstrap_cpm(cands, lesions, resamples=200, seed=3)
+    b = bootstrap_cpm(cands, lesions, resamples=200, seed=3)
+    assert a == b
+    assert a.cpm == pytest.approx(0.625)
+    assert 0.0 <= a.low <= a.high <= 1.0
+    assert a.low < a.cpm < a.high  # three scans, one missed lesion: the interval is not degenerate
+    assert "95% CI" in str(a)
+
+
+def test_bootstrap_cpm_of_a_perfect_detector_is_a_point() -> None:
+    cands = [_c(f"s{i}", [[0, 0, 0]], [0.9]) for i in range(5)]
+    lesions = [_l(f"s{i}", [[0, 0, 0]], [6]) for i in range(5)]
+    iv = bootstrap_cpm(cands, lesions, resamples=50)
+    assert (iv.cpm, iv.low, iv.high) == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_cpm_validates_arguments() -> None:
+    cands, lesions = _hand_case()
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_cpm(cands, lesions, resamples=5)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_cpm(cands, lesions, level=1.0)

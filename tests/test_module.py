@@ -1,0 +1,66 @@
+"""Whole-scan epoch metrics of the LightningModule (:func:`medrpn.module.evaluate_scans`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medrpn.module import DIAMETER_BANDS_MM, evaluate_scans
+
+
+def _box(c: tuple[float, float, float], d: float) -> list[float]:
+    return [c[0] - d / 2, c[1] - d / 2, c[2] - d / 2, c[0] + d / 2, c[1] + d / 2, c[2] + d / 2]
+
+
+def _outputs() -> list[dict[str, object]]:
+    """Scan a: a 4 mm lesion (found at 0.6, below an FP of scan b at 0.8) and a 12 mm lesion (found at 0.95).
+
+    Scan b: no lesion, one FP at 0.8.
+    """
+    gt_a = np.array([_box((0, 0, 0), 4.0), _box((40, 0, 0), 12.0)])
+    det_a = np.array([_box((40, 0, 0), 11.0), _box((0.5, 0, 0), 4.0)])
+    return [
+        {
+            "case_id": "a",
+            "boxes": det_a,
+            "scores": np.array([0.95, 0.6]),
+            "labels": np.array([0, 0]),
+            "proposals": det_a,
+            "gt": gt_a,
+            "gt_labels": np.array([0, 0]),
+        },
+        {
+            "case_id": "b",
+            "boxes": np.array([_box((0, 0, 0), 5.0)]),
+            "scores": np.array([0.8]),
+            "labels": np.array([0]),
+            "proposals": np.array([_box((0, 0, 0), 5.0)]),
+            "gt": np.zeros((0, 6)),
+            "gt_labels": np.zeros((0,), dtype=np.int64),
+        },
+    ]
+
+
+def test_evaluate_scans_reports_interval_and_diameter_bands() -> None:
+    m = evaluate_scans(_outputs(), ["solid", "ground-glass"], (1, 10))
+    assert m.froc is not None and m.cpm_interval is not None
+    # overall: 12 mm at 0.95 (1/2 sens at 0 FP), 0.8 FP (1/2 FP/scan), 4 mm at 0.6 -> 0.5 at 1/8, 1/4; 1 from 1/2
+    np.testing.assert_allclose(m.froc.sensitivities, [0.5, 0.5, 1, 1, 1, 1, 1])
+    assert m.scalars["cpm"] == pytest.approx(6 / 7)
+    assert m.scalars["cpm_ci_low"] <= m.scalars["cpm"] <= m.scalars["cpm_ci_high"]
+    assert [b.num_lesions for b in m.diameter_bands] == [1, 0, 1]
+    assert len(m.diameter_bands) == len(DIAMETER_BANDS_MM) - 1
+    small, mid, large = m.diameter_bands
+    assert small.froc is not None and large.froc is not None and mid.froc is None
+    assert small.froc.cpm == pytest.approx(5 / 7)  # 0 at 1/8 and 1/4 (after the FP), 1 from 1/2 FP/scan
+    assert large.froc.cpm == pytest.approx(1.0)
+    text = m.report("held-out")
+    assert "95% CI" in text
+    assert "< 5 mm: 0.714  (1 lesions)" in text
+    assert "5-10 mm:    -  (0 lesions)" in text
+
+
+def test_evaluate_scans_without_lesions_has_no_froc() -> None:
+    outs = [_outputs()[1]]
+    m = evaluate_scans(outs, ["solid"], (1,))
+    assert m.froc is None and m.cpm_interval is None and m.diameter_bands == []
