@@ -10,7 +10,10 @@ training or validation) if missing; ``medrpn fit`` with ``--trainer.max_time`` (
 included); load the best checkpoint (by validation CPM; ``last.ckpt`` if validation never ran) with
 ``weights_only=True``; run whole-scan inference on every held-out scan exactly as ``medrpn infer`` does
 (same preprocessing and tiling from the checkpoint); print the FROC table (sensitivity at 1/8..8 FP per
-scan, CPM, AP, recall@K) and write ``froc.png`` and ``report.md`` into ``--out``.
+scan, CPM with its scan-bootstrap 95% interval, CPM per lesion-diameter band, AP, recall@K) and write
+``froc.png`` and ``report.md`` into ``--out``. ``--heldout-cases 40`` evaluates on ``data/heldout40`` instead
+(its first 10 scans are ``data/heldout``) and writes ``froc_heldout40.png`` / ``report_heldout40.md``;
+with ``--skip-training`` it re-scores an existing run.
 """
 
 from __future__ import annotations
