@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if metrics.diameter_bands:
         lines += ["| lesion diameter | lesions | CPM |", "|---|---:|---:|"]
         for band in metrics.diameter_bands:
-            lines.append(
-                f"| {band.label} mm | {band.num_lesions} | {'-' if band.froc is None else f'{band.froc.cpm:.3f}'} |"
-            )
+            cpm = "-" if band.froc is None else f"{band.froc.cpm:.3f}"
+            lines.append(f"| {band.label} mm | {band.num_lesions} | {cpm} |")
         lines.append("")
     lines += [f"| {k} | {v:.3f} |" for k, v in metrics.scalars.items() if not k.startswith("sens@")]
     report = "\n".join(lines)

@@ -535,10 +535,8 @@ def froc_by_diameter(
         outside: list[ScanLesions] = []
         for les in lesions:
             m = (les.diameters >= low) & (les.diameters < high)
-            inside.append(ScanLesions(les.scan_id, les.centres[m].reshape(-1, les.centres.shape[1]), les.diameters[m]))
-            outside.append(
-                ScanLesions(les.scan_id, les.centres[~m].reshape(-1, les.centres.shape[1]), les.diameters[~m])
-            )
+            inside.append(ScanLesions(les.scan_id, les.centres[m], les.diameters[m]))
+            outside.append(ScanLesions(les.scan_id, les.centres[~m], les.diameters[~m]))
         n = sum(len(x) for x in inside)
         froc = None
         if n:

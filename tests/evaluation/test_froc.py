@@ -338,6 +338,13 @@ def test_froc_by_diameter_hand_case() -> None:
     np.testing.assert_allclose(large.froc.sensitivities, np.ones(7))
 
 
+def test_froc_by_diameter_accepts_a_scan_given_as_flat_empty_arrays() -> None:
+    cands = [_c("A", [[0, 0, 0]], [0.9]), _c("B", [[9, 9, 9]], [0.5])]
+    lesions = [_l("A", [[0, 0, 0]], [4]), ScanLesions("B", np.zeros(0), np.zeros(0))]
+    small, *_ = froc_by_diameter(cands, lesions)
+    assert small.num_lesions == 1 and small.froc is not None and small.froc.cpm == 1.0
+
+
 def test_froc_by_diameter_rejects_bad_edges() -> None:
     cands, lesions = _hand_case()
     for edges in [(5.0,), (0.0, 5.0, 5.0), (10.0, 5.0)]:
