@@ -46,6 +46,7 @@ from medrpn.evaluation.plots import plot_froc
 from medrpn.geometry import image_to_world_boxes
 from medrpn.inference.whole_scan import ScanDetections, WholeScanConfig, detect_scan
 from medrpn.modeling.detector import LesionDetector
+from medrpn.training.lesion_map import LesionMapLoss, lesion_map_loss, lesion_map_targets
 from medrpn.training.losses import RPNLoss
 from medrpn.training.matching import AnchorMatcher, ATSSMatcher, IoUMatcher
 from medrpn.training.roi_targets import RoISampler, lesion_head_loss
@@ -103,6 +104,22 @@ class HeadTrainingConfig:
 
 
 @dataclass(frozen=True)
+class LesionMapTrainingConfig:
+    """Dense lesion supervision (only for a detector built with ``lesion_map: true``).
+
+    Attributes:
+        weight: weight of ``loss_lesion_map``.
+        loss: ``"lesion_balanced"`` (every lesion weighs the same) or ``"bce_dice"`` (see
+            :mod:`medrpn.training.lesion_map`).
+        dice_weight: weight of the soft-Dice part of ``"bce_dice"``.
+    """
+
+    weight: float = 1.0
+    loss: LesionMapLoss = "bce_dice"
+    dice_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class PreprocessingConfig:
     """What inference must do to a scan before the network sees it (stored in checkpoints).
 
@@ -118,6 +135,7 @@ class PreprocessingConfig:
 
 RPN_TRAINING_DEFAULT = RPNTrainingConfig()
 HEAD_TRAINING_DEFAULT = HeadTrainingConfig()
+LESION_MAP_TRAINING_DEFAULT = LesionMapTrainingConfig()
 PREPROCESSING_DEFAULT = PreprocessingConfig()
 WHOLE_SCAN_DEFAULT = WholeScanConfig()
 
@@ -153,6 +171,7 @@ class LesionDetectionModule(pl.LightningModule):
         lr_scheduler: optional scheduler factory.
         rpn_training: RPN target assignment.
         head_training: lesion-head RoI sampling.
+        lesion_map_training: dense lesion loss of a detector with a lesion map (ignored otherwise).
         inference: whole-scan tiling/merging used by validation and batch inference.
         preprocessing: preprocessing inference must apply (linked from the datamodule).
         class_names: name of every lesion class id (``len == detector.num_classes`` unless RPN-only).
@@ -168,6 +187,7 @@ class LesionDetectionModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         rpn_training: RPNTrainingConfig = RPN_TRAINING_DEFAULT,
         head_training: HeadTrainingConfig = HEAD_TRAINING_DEFAULT,
+        lesion_map_training: LesionMapTrainingConfig = LESION_MAP_TRAINING_DEFAULT,
         inference: WholeScanConfig = WHOLE_SCAN_DEFAULT,
         preprocessing: PreprocessingConfig = PREPROCESSING_DEFAULT,
         class_names: Sequence[str] = ("solid", "ground-glass", "part-solid"),
@@ -181,6 +201,7 @@ class LesionDetectionModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.rpn_cfg = _coerce(RPNTrainingConfig, rpn_training)
         self.head_cfg = _coerce(HeadTrainingConfig, head_training)
+        self.lesion_map_cfg = _coerce(LesionMapTrainingConfig, lesion_map_training)
         self.inference_cfg = _coerce(WholeScanConfig, inference)
         self.preprocessing_cfg = _coerce(PreprocessingConfig, preprocessing)
         if not detector.rpn_only and len(class_names) != detector.num_classes:
@@ -266,6 +287,12 @@ class LesionDetectionModule(pl.LightningModule):
                 box_weight=self.head_cfg.box_weight,
             )
             terms.update(head.as_dict())
+        if self.detector.lesion_map_head is not None and self.lesion_map_cfg.weight > 0:
+            logits_map = self.detector.lesion_map_logits(features)
+            target_map = lesion_map_targets(gt_boxes, logits_map.shape[2:], self.detector.strides[0], images.device)
+            terms["loss_lesion_map"] = self.lesion_map_cfg.weight * lesion_map_loss(
+                logits_map, target_map, kind=self.lesion_map_cfg.loss, dice_weight=self.lesion_map_cfg.dice_weight
+            )
         terms["loss"] = torch.stack(list(terms.values())).sum()
         return terms
 

@@ -64,3 +64,44 @@ def test_evaluate_scans_without_lesions_has_no_froc() -> None:
     outs = [_outputs()[1]]
     m = evaluate_scans(outs, ["solid"], (1,))
     assert m.froc is None and m.cpm_interval is None and m.diameter_bands == []
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("lesion_map", [False, True])
+def test_compute_losses_names_every_term_and_the_lesion_map_loss_trains_it(spatial_dims: int, lesion_map: bool) -> None:
+    import torch
+
+    from medrpn.modeling.anchors import AnchorGenerator
+    from medrpn.modeling.backbone import ResNetFPN
+    from medrpn.modeling.detector import HeadConfig, LesionDetector, RPNConfig
+    from medrpn.module import LesionDetectionModule, LesionMapTrainingConfig
+
+    d = spatial_dims
+    torch.manual_seed(0)
+    det = LesionDetector(
+        backbone=ResNetFPN(spatial_dims=d, variant="tiny", return_stages=(1, 2), fpn_channels=8),
+        anchor_generator=AnchorGenerator(spatial_dims=d, shapes=[[[6.0] * d], [[12.0] * d]], spacing_mm=[2.0] * d),
+        num_classes=1,
+        rpn=RPNConfig(pre_nms_top_k_train=50, post_nms_top_k_train=20),
+        head=HeadConfig(roi_size=3, representation_size=16),
+        lesion_map=lesion_map,
+    )
+    module = LesionDetectionModule(
+        detector=det, class_names=["lesion"], lesion_map_training=LesionMapTrainingConfig(weight=2.0)
+    )
+    batch = {
+        "image": torch.randn(2, 1, *([32] * d)),
+        "box": [torch.tensor([[8.0] * d + [14.0] * d]), torch.zeros(0, 2 * d)],
+        "label": [torch.tensor([0]), torch.zeros(0, dtype=torch.long)],
+    }
+    terms = module.compute_losses(batch)
+    expected = {"loss_rpn_objectness", "loss_rpn_box", "loss_head_class", "loss_head_box", "loss"}
+    assert set(terms) == expected | ({"loss_lesion_map"} if lesion_map else set())
+    assert torch.isfinite(terms["loss"])
+    torch.testing.assert_close(terms["loss"], sum(v for k, v in terms.items() if k != "loss"))
+    if lesion_map:
+        terms["loss_lesion_map"].backward()
+        assert det.lesion_map_head is not None
+        assert det.lesion_map_head.weight.grad is not None and det.lesion_map_head.weight.grad.abs().sum() > 0
+        # the dense loss reaches the shared backbone, which is its purpose
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in det.backbone.parameters())

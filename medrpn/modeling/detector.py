@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
 from medrpn.modeling.anchors import AnchorGenerator
@@ -84,6 +86,13 @@ class LesionDetector(nn.Module):
         rpn: RPN settings.
         head: lesion-head settings.
         rpn_only: no lesion head; proposals are the output.
+        lesion_map: add a 1x1 convolution predicting a voxel-wise lesion logit map on the finest FPN level
+            (:meth:`lesion_map_logits`), trained by the module's dense lesion loss
+            (:mod:`medrpn.training.lesion_map`, Retina U-Net's auxiliary segmentation) so that the shared
+            features learn every background cell, vessels included, not only the sampled anchors.
+        lesion_map_score_weight: ``w`` in ``[0, 1]``: with a lesion map, a detection's score becomes
+            ``score ** (1 - w) * map ** w``, where ``map`` is the map's highest probability within one cell of
+            the box centre (0: the map does not change scores).
         channels_last: keep conv weights and activations channels-last (``torch.channels_last`` in 2D,
             ``channels_last_3d`` in 3D). oneDNN's CPU convolutions are faster in that layout (the demo's training
             step: 1.19x in float32, 1.82x together with bfloat16 autocast, ``benchmarks/train_speed.py``);
@@ -99,6 +108,8 @@ class LesionDetector(nn.Module):
         rpn: RPNConfig = RPN_DEFAULT,
         head: HeadConfig = HEAD_DEFAULT,
         rpn_only: bool = False,
+        lesion_map: bool = False,
+        lesion_map_score_weight: float = 0.0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -112,6 +123,10 @@ class LesionDetector(nn.Module):
                 f"the anchors define {anchor_generator.num_levels} FPN levels but the backbone returns "
                 f"{backbone.num_levels}"
             )
+        if not 0.0 <= lesion_map_score_weight <= 1.0:
+            raise ValueError(f"lesion_map_score_weight must lie in [0, 1], got {lesion_map_score_weight}")
+        if lesion_map_score_weight > 0 and not lesion_map:
+            raise ValueError("lesion_map_score_weight > 0 needs lesion_map=True")
         self.spec: dict[str, Any] = {
             "backbone": dict(backbone.spec),
             "anchor_generator": dict(anchor_generator.spec),
@@ -119,6 +134,8 @@ class LesionDetector(nn.Module):
             "rpn": asdict(rpn),
             "head": asdict(head),
             "rpn_only": rpn_only,
+            "lesion_map": lesion_map,
+            "lesion_map_score_weight": lesion_map_score_weight,
             "channels_last": channels_last,
         }
         """Plain-data description of the whole detector (see :meth:`from_spec`); stored in checkpoints."""
@@ -152,6 +169,10 @@ class LesionDetector(nn.Module):
                 nms_iou=head.nms_iou,
                 max_detections=head.max_detections,
             )
+        self.lesion_map_head: nn.Module | None = (
+            Conv[Conv.CONV, d](backbone.out_channels, 1, kernel_size=1) if lesion_map else None
+        )
+        self.lesion_map_score_weight = float(lesion_map_score_weight)
         self.max_detections = head.max_detections
         self.memory_format = (
             (torch.channels_last if d == 2 else torch.channels_last_3d) if channels_last else torch.contiguous_format
@@ -169,6 +190,8 @@ class LesionDetector(nn.Module):
             rpn=RPNConfig(**_tuples(spec["rpn"])),
             head=HeadConfig(**_tuples(spec["head"])),
             rpn_only=bool(spec["rpn_only"]),
+            lesion_map=bool(spec.get("lesion_map", False)),
+            lesion_map_score_weight=float(spec.get("lesion_map_score_weight", 0.0)),
             channels_last=bool(spec.get("channels_last", False)),
         )
 
@@ -197,6 +220,19 @@ class LesionDetector(nn.Module):
         out = self.rpn(features, self.strides, images.shape[2:])
         return features, out
 
+    def lesion_map_logits(self, features: Sequence[Tensor]) -> Tensor:
+        """Voxel-wise lesion logits on the finest FPN level (needs ``lesion_map=True``).
+
+        Args:
+            features: per level ``(B, C, *grid_l)``, finest first.
+
+        Returns:
+            ``(B, 1, *grid_0)`` logits; the level's stride is ``strides[0]``.
+        """
+        if self.lesion_map_head is None:
+            raise RuntimeError("this detector has no lesion map (build it with lesion_map=True)")
+        return self.lesion_map_head(features[0])
+
     def forward(self, images: Tensor) -> list[Detections]:
         """Detect lesions (use in eval mode).
 
@@ -221,7 +257,7 @@ class LesionDetector(nn.Module):
         """
         k = self.max_detections
         if self.head is None:
-            return [
+            dets = [
                 Detections(
                     boxes=p.boxes[:k],
                     scores=p.scores[:k],
@@ -231,8 +267,51 @@ class LesionDetector(nn.Module):
                 )
                 for p in out.proposals
             ]
-        logits, deltas = self.head(features, [p.boxes for p in out.proposals], self.strides)
-        return self.head.postprocess(logits, deltas, out.proposals, out.image_shape)
+        else:
+            logits, deltas = self.head(features, [p.boxes for p in out.proposals], self.strides)
+            dets = self.head.postprocess(logits, deltas, out.proposals, out.image_shape)
+        if self.lesion_map_score_weight > 0:
+            dets = self.rescore_with_lesion_map(features, dets, self.lesion_map_score_weight)
+        return dets
+
+    def rescore_with_lesion_map(
+        self, features: Sequence[Tensor], detections: Sequence[Detections], weight: float
+    ) -> list[Detections]:
+        """Scores ``score ** (1 - weight) * map ** weight``, re-sorted (see ``lesion_map_score_weight``).
+
+        ``map`` is the lesion-map probability maximised over the 3x3(x3) cells around the cell holding the
+        box centre, so a centre one cell off the lesion's peak still reads it.
+
+        Args:
+            features: per level ``(B, C, *grid_l)`` of the same batch.
+            detections: ``B`` detections in image coordinates.
+            weight: ``w`` in ``[0, 1]``.
+
+        Returns:
+            ``B`` :class:`Detections` with new scores, sorted by them.
+        """
+        prob = torch.sigmoid(self.lesion_map_logits(features).float())
+        pool = F.max_pool2d if self.spatial_dims == 2 else F.max_pool3d
+        prob = pool(prob, kernel_size=3, stride=1, padding=1)[:, 0]
+        d = self.spatial_dims
+        stride = torch.tensor(self.strides[0], dtype=torch.float32, device=prob.device)
+        upper = torch.tensor(prob.shape[1:], device=prob.device) - 1
+        out = []
+        for b, det in enumerate(detections):
+            if len(det) == 0:
+                out.append(det)
+                continue
+            centre = (det.boxes[:, :d] + det.boxes[:, d:]).float() / 2
+            cell = torch.minimum((centre / stride).floor().long().clamp_min(0), upper)
+            m = prob[b][tuple(cell.T)].to(det.scores.dtype)
+            scores = det.scores.clamp_min(0) ** (1 - weight) * m**weight
+            order = scores.argsort(descending=True)
+            out.append(
+                Detections(
+                    det.boxes[order], scores[order], det.labels[order], det.class_probs[order], det.objectness[order]
+                )
+            )
+        return out
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:
