@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medrpn.training.lesion_map import lesion_map_loss, lesion_map_targets
+from medrpn.training.lesion_map import LesionMapLoss, lesion_map_loss, lesion_map_targets
 
 
 @pytest.mark.parametrize("d", [2, 3])
@@ -97,15 +97,15 @@ def test_lesion_balanced_loss_weighs_every_lesion_alike_by_hand() -> None:
 
 
 @pytest.mark.parametrize("kind", ["lesion_balanced", "bce_dice"])
-def test_loss_trains(kind: str) -> None:
+def test_loss_trains(kind: LesionMapLoss) -> None:
     ids = torch.zeros(1, 1, 6, 6, dtype=torch.long)
     ids[0, 0, 2:4, 2:4] = 1
     logits = torch.zeros(1, 1, 6, 6, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=0.3)
-    first = float(lesion_map_loss(logits, ids, kind=kind))  # type: ignore[arg-type]
+    first = float(lesion_map_loss(logits, ids, kind=kind))
     for _ in range(50):
         opt.zero_grad()
-        loss = lesion_map_loss(logits, ids, kind=kind)  # type: ignore[arg-type]
+        loss = lesion_map_loss(logits, ids, kind=kind)
         loss.backward()
         opt.step()
     assert float(loss) < 0.3 * first
