@@ -46,7 +46,7 @@ from medrpn.evaluation.plots import plot_froc
 from medrpn.geometry import image_to_world_boxes
 from medrpn.inference.whole_scan import ScanDetections, WholeScanConfig, detect_scan
 from medrpn.modeling.detector import LesionDetector
-from medrpn.training.lesion_map import LesionMapLoss, lesion_map_loss, lesion_map_targets
+from medrpn.training.lesion_map import LESION_MAP_LOSSES, LesionMapLoss, lesion_map_loss, lesion_map_targets
 from medrpn.training.losses import RPNLoss
 from medrpn.training.matching import AnchorMatcher, ATSSMatcher, IoUMatcher
 from medrpn.training.roi_targets import RoISampler, lesion_head_loss
@@ -117,6 +117,14 @@ class LesionMapTrainingConfig:
     weight: float = 1.0
     loss: LesionMapLoss = "bce_dice"
     dice_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LESION_MAP_LOSSES:
+            raise ValueError(f"lesion_map_training.loss must be one of {LESION_MAP_LOSSES}, got {self.loss!r}")
+        if self.weight < 0 or self.dice_weight < 0:
+            raise ValueError(
+                f"lesion_map_training weights must be >= 0, got weight={self.weight}, dice_weight={self.dice_weight}"
+            )
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,12 @@ def test_compute_losses_names_every_term_and_the_lesion_map_loss_trains_it(spati
         assert det.lesion_map_head.weight.grad is not None and det.lesion_map_head.weight.grad.abs().sum() > 0
         # the dense loss reaches the shared backbone, which is its purpose
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in det.backbone.parameters())
+
+
+def test_lesion_map_training_config_is_checked() -> None:
+    from medrpn.module import LesionMapTrainingConfig
+
+    with pytest.raises(ValueError, match="loss must be one of"):
+        LesionMapTrainingConfig(loss="dice")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=">= 0"):
+        LesionMapTrainingConfig(weight=-1.0)

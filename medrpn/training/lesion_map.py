@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LesionMapLoss = Literal["lesion_balanced", "bce_dice"]
+LESION_MAP_LOSSES: tuple[str, ...] = ("lesion_balanced", "bce_dice")
 
 
 @torch.no_grad()
@@ -108,7 +109,8 @@ def lesion_map_loss(
         background = ids == 0
         loss = ce[background].mean() if bool(background.any()) else ce.sum() * 0
         if bool((~background).any()):
-            counts = torch.bincount(ids, minlength=int(ids.max()) + 1)[1:].to(ce.dtype)
+            counts = torch.bincount(ids)[1:].to(ce.dtype)
+            # index_add_, not bincount(weights=...): bincount has no gradient
             sums = torch.zeros_like(counts).index_add_(0, ids[~background] - 1, ce[~background])
             present = counts > 0
             loss = loss + (sums[present] / counts[present]).mean()
