@@ -82,6 +82,8 @@ class MedrpnCLI(LightningCLI):
             ("data.ct_window", "model.preprocessing.ct_window"),
             ("data.orientation", "model.preprocessing.orientation"),
             ("data.slice_context", "model.preprocessing.slice_context"),
+            ("data.hessian_sigmas_mm", "model.preprocessing.hessian_sigmas_mm"),
+            ("data.hessian_gain", "model.preprocessing.hessian_gain"),
         ):
             parser.link_arguments(src, dst)
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")

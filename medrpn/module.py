@@ -139,6 +139,8 @@ class PreprocessingConfig:
     ct_window: tuple[float, ...] = (-1000.0, 500.0)
     orientation: str = "RAS"
     slice_context: int = 0
+    hessian_sigmas_mm: tuple[float, ...] = ()
+    hessian_gain: float = 20.0
 
 
 RPN_TRAINING_DEFAULT = RPNTrainingConfig()
@@ -252,8 +254,20 @@ class LesionDetectionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
-        """Before fitting, plan ``anchors: auto`` from the training split (no-op for explicit anchors)."""
+        """Check the input channels against the data; before fitting, plan ``anchors: auto`` from the training split.
+
+        Raises:
+            ValueError: the datamodule feeds a different number of channels than the detector's backbone reads
+                (e.g. ``data.hessian_sigmas_mm`` or ``data.slice_context`` changed without ``in_channels``).
+        """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        expected = getattr(datamodule, "in_channels", None)
+        if isinstance(expected, int) and expected != self.detector.in_channels:
+            raise ValueError(
+                f"the data gives {expected} input channels but the detector's backbone reads "
+                f"{self.detector.in_channels}: set model.detector.init_args.backbone.init_args.in_channels={expected} "
+                "(2.5D slices: 2 * slice_context + 1; Hessian channels: +2)"
+            )
         if stage != "fit" or datamodule is None:
             return
         from medrpn.anchors_planning import plan_for_training

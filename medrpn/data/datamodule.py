@@ -90,6 +90,10 @@ class LesionDataModule(pl.LightningDataModule):
         samples_per_scan: patches/slices drawn per scan per epoch.
         positive_fraction: share of samples containing a lesion.
         slice_context: 2D only: neighbouring slices per side as extra channels (2.5D).
+        hessian_sigmas_mm: scales (mm) of the Hessian blob/tube channels appended to the image
+            (:class:`~medrpn.data.transforms.HessianFeaturesd`; empty: none). The two channels (dot, line) are each
+            the maximum over the scales, so the network input grows by 2 channels whatever their number.
+        hessian_gain: scale of those channels.
         batch_size: scans per training batch (each gives ``samples_per_scan`` samples).
         num_workers: DataLoader worker processes.
         cache: ``"memory"``, ``"disk"`` or ``"none"``.
@@ -118,6 +122,8 @@ class LesionDataModule(pl.LightningDataModule):
         samples_per_scan: int = 4,
         positive_fraction: float = 0.5,
         slice_context: int = 0,
+        hessian_sigmas_mm: Sequence[float] = (),
+        hessian_gain: float = 20.0,
         batch_size: int = 2,
         num_workers: int = 0,
         cache: CacheMode = "memory",
@@ -139,6 +145,11 @@ class LesionDataModule(pl.LightningDataModule):
             raise ValueError(f"spacing_mm needs 3 values (x, y, z in mm), got {list(spacing_mm)}")
         if len(patch_size) != spatial_dims:
             raise ValueError(f"patch_size needs {spatial_dims} values, got {list(patch_size)}")
+        if any(not float(v) > 0 for v in hessian_sigmas_mm) or not float(hessian_gain) > 0:
+            raise ValueError(
+                f"hessian_sigmas_mm must be positive mm and hessian_gain > 0, got {list(hessian_sigmas_mm)} and "
+                f"{hessian_gain}"
+            )
         if cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
         self.save_hyperparameters()
@@ -152,6 +163,8 @@ class LesionDataModule(pl.LightningDataModule):
         self.samples_per_scan = samples_per_scan
         self.positive_fraction = positive_fraction
         self.slice_context = slice_context
+        self.hessian_sigmas_mm = tuple(float(s) for s in hessian_sigmas_mm)
+        self.hessian_gain = float(hessian_gain)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache: CacheMode = cache
@@ -167,8 +180,9 @@ class LesionDataModule(pl.LightningDataModule):
 
     @property
     def in_channels(self) -> int:
-        """Channels of the network input (``2 * slice_context + 1`` in 2D)."""
-        return 2 * self.slice_context + 1 if self.spatial_dims == 2 else 1
+        """Channels of the network input (``2 * slice_context + 1`` in 2D, 1 in 3D; +2 with Hessian channels)."""
+        image = 2 * self.slice_context + 1 if self.spatial_dims == 2 else 1
+        return image + (2 if self.hessian_sigmas_mm else 0)
 
     def preprocessing(self, with_boxes: bool = True, load: bool = True) -> Compose:
         """The deterministic preprocessing of this datamodule (shared with inference)."""
@@ -179,6 +193,8 @@ class LesionDataModule(pl.LightningDataModule):
             orientation=self.orientation,
             with_boxes=with_boxes,
             load=load,
+            hessian_sigmas_mm=self.hessian_sigmas_mm,
+            hessian_gain=self.hessian_gain,
         )
 
     def records(self, split: str) -> list[CaseRecord]:
@@ -255,6 +271,8 @@ class LesionDataModule(pl.LightningDataModule):
             intensity=self.intensity,
             ct_window=self.ct_window,
             orientation=self.orientation,
+            hessian_sigmas_mm=self.hessian_sigmas_mm,
+            hessian_gain=self.hessian_gain,
         )
         failures = [ScanFailure(src, reason) for src, reason in plan.failures]
         return _PredictDataset([*failures, *plan.todo], spec)

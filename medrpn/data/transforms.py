@@ -10,7 +10,8 @@ the affine of the preprocessed image.
 Pipelines:
 
 - :func:`preprocessing` (deterministic, cached by the datamodule): load -> orientation (RAS axes) ->
-  resample to ``spacing_mm`` -> intensity preset -> world boxes to image boxes.
+  resample to ``spacing_mm`` -> intensity preset -> optional Hessian shape channels
+  (:class:`HessianFeaturesd`) -> world boxes to image boxes.
 - :func:`train_augmentation` (random): 3D — pad to the patch size, positive/negative balanced patch
   sampling (scans without lesions give random patches), flips, in-plane 90-degree rotations, zoom,
   clip boxes to the patch; 2D — :class:`RandSliceSampled` draws axial slices (lesion slices and
@@ -51,6 +52,7 @@ from monai.transforms import (
 
 from medrpn.data.errors import InvalidImageError, ScanError
 from medrpn.geometry import world_to_image_boxes
+from medrpn.ops.hessian import hessian_shape_filters
 
 IntensityPreset = Literal["ct", "mr", "none"]
 
@@ -143,6 +145,62 @@ class NormalizeOverBodyd(MapTransform):
         return d
 
 
+class HessianFeaturesd(MapTransform):
+    """Append Hessian blob ("dot") and tube ("line") channels to an image (:mod:`medrpn.ops.hessian`).
+
+    A 3 mm nodule and a 3 mm vessel cross-section look alike on a slice and differ in shape through the volume:
+    the dot filter answers on balls and not on tubes, the line filter the other way round. Computed once per scan
+    on the resampled, intensity-normalised image (so cached with it), with ``sigmas_mm`` converted per axis from
+    the image's own spacing; a 3D volume gets the 3D filters (also when a 2D model reads it slice by slice), a 2D
+    image the 2D ones. The output is ``(C + 2, *spatial)``: the input channels, then ``gain * dot`` and
+    ``gain * line`` of the first input channel (both >= 0, clipped to ``max_value``).
+
+    Args:
+        keys: image keys.
+        sigmas_mm: Gaussian scales in mm (maximum response over them); about lesion radius / sqrt(3) for the blob
+            filter, so ``(1.0, 2.0)`` covers lesions of about 3-7 mm diameter best and larger ones still answer.
+        gain: scale of the responses (in normalised-intensity units; 20 puts a solid 5 mm nodule of a
+            ``[-1000, 400]`` HU window near 1).
+        max_value: upper clip of the scaled responses.
+        bright: structures brighter than their surroundings (CT nodules and vessels; ``False``: dark ones).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        sigmas_mm: Sequence[float],
+        gain: float = 20.0,
+        max_value: float = 10.0,
+        bright: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not sigmas_mm or any(not float(s) > 0 for s in sigmas_mm):
+            raise ValueError(f"hessian sigmas must be positive millimetres, got {list(sigmas_mm)}")
+        if not gain > 0 or not max_value > 0:
+            raise ValueError(f"hessian gain and max_value must be > 0, got {gain} and {max_value}")
+        self.sigmas_mm = tuple(float(s) for s in sigmas_mm)
+        self.gain = float(gain)
+        self.max_value = float(max_value)
+        self.bright = bright
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            arr = torch.as_tensor(img).float()
+            dims = arr.ndim - 1
+            affine = torch.as_tensor(
+                img.affine if isinstance(img, MetaTensor) else torch.eye(dims + 1), dtype=torch.float64
+            )
+            spacing = [float(v) for v in torch.linalg.norm(affine[:dims, :dims], dim=0)]
+            dot, line = hessian_shape_filters(arr[0], self.sigmas_mm, spacing, bright=self.bright)
+            feats = torch.stack([dot, line]).mul_(self.gain).clamp_(0.0, self.max_value)
+            out = torch.cat([arr, feats.to(arr.dtype)], dim=0)
+            d[key] = MetaTensor(out, meta=img.meta) if isinstance(img, MetaTensor) else out  # meta holds the affine
+        return d
+
+
 def intensity_transform(
     preset: IntensityPreset, keys: KeysCollection = "image", ct_window: Sequence[float] = (-1000.0, 500.0)
 ) -> MapTransform | None:
@@ -176,6 +234,8 @@ def preprocessing(
     orientation: str | None = "RAS",
     with_boxes: bool = True,
     load: bool = True,
+    hessian_sigmas_mm: Sequence[float] = (),
+    hessian_gain: float = 20.0,
 ) -> Compose:
     """Deterministic part of every pipeline (cacheable).
 
@@ -186,6 +246,8 @@ def preprocessing(
         orientation: axis codes to reorient to (``None``: keep).
         with_boxes: convert ``box`` (world) to image coordinates and ``label`` to a tensor.
         load: start with :class:`LoadScand` (``False`` when ``image`` is already a MetaTensor).
+        hessian_sigmas_mm: scales of :class:`HessianFeaturesd` (empty: no shape channels).
+        hessian_gain: its ``gain``.
 
     Returns:
         A MONAI ``Compose`` over dictionaries with keys ``image`` (and ``box``, ``label``).
@@ -201,6 +263,8 @@ def preprocessing(
     t = intensity_transform(intensity, "image", ct_window)
     if t is not None:
         ts.append(t)
+    if hessian_sigmas_mm:
+        ts.append(HessianFeaturesd("image", hessian_sigmas_mm, gain=hessian_gain))
     if with_boxes:
         ts.append(WorldBoxToImaged("box", "label", "image"))
     return Compose(ts)
@@ -295,14 +359,28 @@ class RandSliceSampled(RandomizableTransform, MapTransform):
 
 
 def slice_with_context(volume: torch.Tensor, k: int, context: int) -> torch.Tensor:
-    """Axial slice ``k`` of an ``(X, Y, Z)`` volume with ``context`` neighbours per side as channels.
+    """Axial slice ``k`` of a volume with ``context`` neighbours per side of its image as channels.
 
     Edge slices are replicated. Shared by 2D training (:class:`RandSliceSampled`) and 2D whole-scan
-    inference, so both feed the network the same ``(2 * context + 1, X, Y)`` input.
+    inference, so both feed the network the same input.
+
+    Args:
+        volume: ``(X, Y, Z)``, or ``(C, X, Y, Z)`` whose channel 0 is the image and channels ``1..C-1`` are
+            per-voxel features (e.g. :class:`HessianFeaturesd`), taken at slice ``k`` only.
+        k: slice index.
+        context: neighbouring slices per side.
+
+    Returns:
+        ``(2 * context + 1 + C - 1, X, Y)``: the image's slices ``k - context .. k + context``, then the features.
     """
+    if volume.ndim == 3:
+        volume = volume[None]
     depth = int(volume.shape[-1])
     idx = [min(max(k + o, 0), depth - 1) for o in range(-context, context + 1)]
-    return volume[..., idx].permute(2, 0, 1)
+    image = volume[0][..., idx].permute(2, 0, 1)
+    if volume.shape[0] == 1:
+        return image
+    return torch.cat([image, volume[1:, ..., k]], dim=0)
 
 
 def slice_sample(
@@ -311,7 +389,7 @@ def slice_sample(
     """One 2D sample: slice ``k`` with ``context`` neighbours as channels and the in-plane boxes crossing it.
 
     Args:
-        d: the 3D item (``image`` ``(1, X, Y, Z)``).
+        d: the 3D item (``image`` ``(C, X, Y, Z)``, channel 0 the image, others features).
         k: slice index.
         context: neighbours per side.
         box_mask: ``(M,)`` which boxes cross slice ``k``.
@@ -319,9 +397,9 @@ def slice_sample(
         labels: ``(M,)``.
 
     Returns:
-        A 2D item: ``image`` ``(2*context + 1, X, Y)``, ``box`` ``(M_k, 4)``, ``label`` ``(M_k,)``, ``slice_index``.
+        A 2D item: ``image`` ``(2*context + C, X, Y)``, ``box`` ``(M_k, 4)``, ``label`` ``(M_k,)``, ``slice_index``.
     """
-    arr = slice_with_context(torch.as_tensor(d["image"])[0], k, context).contiguous()
+    arr = slice_with_context(torch.as_tensor(d["image"]), k, context).contiguous()
     b = boxes[box_mask]
     item = {key: v for key, v in d.items() if key not in ("image", "box", "label")}
     item.update(

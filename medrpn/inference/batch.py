@@ -159,12 +159,16 @@ class PreprocessingSpec:
         intensity: ``"ct"``, ``"mr"`` or ``"none"``.
         ct_window: HU window of the CT preset.
         orientation: axis codes (a 2D image uses the first two).
+        hessian_sigmas_mm: scales of the Hessian blob/tube channels (empty: none).
+        hessian_gain: their scale.
     """
 
     spacing_mm: tuple[float, ...]
     intensity: str
     ct_window: tuple[float, ...]
     orientation: str
+    hessian_sigmas_mm: tuple[float, ...] = ()
+    hessian_gain: float = 20.0
 
     @classmethod
     def from_model(cls, model_like: InferenceModel | ModelLike) -> PreprocessingSpec:
@@ -182,6 +186,8 @@ class PreprocessingSpec:
             intensity=str(model.intensity),
             ct_window=tuple(float(v) for v in model.ct_window),
             orientation=str(model.orientation),
+            hessian_sigmas_mm=tuple(float(s) for s in model.hessian_sigmas_mm),
+            hessian_gain=float(model.hessian_gain),
         )
 
     def transform(self, spatial_dims: int) -> Any:
@@ -203,6 +209,8 @@ class PreprocessingSpec:
             orientation=self.orientation[:spatial_dims] or None,
             with_boxes=False,
             load=False,
+            hessian_sigmas_mm=self.hessian_sigmas_mm,
+            hessian_gain=self.hessian_gain,
         )
 
 
@@ -448,6 +456,8 @@ def as_inference_model(model_like: InferenceModel | ModelLike) -> InferenceModel
         ct_window=tuple(float(v) for v in pre.ct_window),
         orientation=str(pre.orientation),
         slice_context=int(pre.slice_context),
+        hessian_sigmas_mm=tuple(float(s) for s in getattr(pre, "hessian_sigmas_mm", ())),
+        hessian_gain=float(getattr(pre, "hessian_gain", 20.0)),
         whole_scan=config,
         class_names=names or ("lesion",),
         source=str(getattr(model_like, "checkpoint_path", None) or type(model_like).__name__),
@@ -738,8 +748,9 @@ def predict_scan(
     detector = model.detector
     device = next(detector.parameters()).device
     x = _plain(net).float()
-    if dims == 2:  # a genuine 2D image: replicate it over the 2.5D context channels
-        x = x[:1].expand(detector.in_channels, *spatial)
+    if dims == 2:  # a genuine 2D image: replicate it over the 2.5D context channels (then its feature channels)
+        features = x[1:]
+        x = torch.cat([x[:1].expand(detector.in_channels - len(features), *spatial), features], dim=0)
     elif detector.spatial_dims == 3 and detector.in_channels != x.shape[0]:
         raise ValueError(f"the detector expects {detector.in_channels} input channels, the scan has {x.shape[0]}")
     pre_affine = torch.as_tensor(net.affine, dtype=torch.float64).clone()

@@ -40,6 +40,8 @@ class InferenceModel:
         whole_scan: tiling/merging settings.
         class_names: lesion class names.
         source: the checkpoint path.
+        hessian_sigmas_mm: scales of the Hessian blob/tube input channels (empty: none).
+        hessian_gain: their scale.
     """
 
     detector: LesionDetector
@@ -51,6 +53,8 @@ class InferenceModel:
     whole_scan: WholeScanConfig
     class_names: tuple[str, ...]
     source: str
+    hessian_sigmas_mm: tuple[float, ...] = ()
+    hessian_gain: float = 20.0
 
     @property
     def spatial_dims(self) -> int:
@@ -112,6 +116,8 @@ def load_inference_model(path: Path | str, map_location: str | torch.device = "c
         ct_window=tuple(float(v) for v in pre.get("ct_window", (-1000.0, 500.0))),
         orientation=str(pre.get("orientation", "RAS")),
         slice_context=int(pre.get("slice_context", 0)),
+        hessian_sigmas_mm=tuple(float(s) for s in pre.get("hessian_sigmas_mm", ())),
+        hessian_gain=float(pre.get("hessian_gain", 20.0)),
         whole_scan=_known_fields(WholeScanConfig, info.get("inference", {})),
         class_names=tuple(info.get("class_names", ())) or ("lesion",),
         source=str(p),

@@ -346,8 +346,9 @@ def detect_slices(
     """Slice-by-slice 2D detection over a preprocessed volume, linked into 3D findings.
 
     Args:
-        detector: a 2D detector whose input has ``2 * context + 1`` channels.
-        volume: ``(1, 1, X, Y, Z)``.
+        detector: a 2D detector whose input has ``2 * context + C`` channels.
+        volume: ``(1, C, X, Y, Z)``: the image, then ``C - 1`` feature channels (see
+            :func:`medrpn.data.transforms.slice_with_context`).
         config: settings (``slice_batch``, ``link_iou``, ``flip_tta``, ``max_detections``...).
         context: neighbouring slices per side.
         progress: called after each batch of slices with ``(slices done, slices in total)``.
@@ -363,7 +364,7 @@ def detect_slices(
     heat = torch.zeros(tuple(volume.shape[2:]), device=volume.device) if config.heatmap else None
     for s in range(0, depth, config.slice_batch):
         ks = list(range(s, min(depth, s + config.slice_batch)))
-        batch = torch.stack([slice_with_context(volume[0, 0], k, context) for k in ks])
+        batch = torch.stack([slice_with_context(volume[0], k, context) for k in ks])
         dets, props, h = _run(detector, batch, flip_axes, config.heatmap)
         for j, k in enumerate(ks):
             per_slice.append(_nms_dets(dets[j], config.merge_iou, config.max_detections))

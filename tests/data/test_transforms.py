@@ -14,10 +14,12 @@ from monai.data import MetaTensor
 
 from medrpn.data.transforms import (
     BoxOutsideImageError,
+    HessianFeaturesd,
     RandCropBoxesd,
     RandSliceSampled,
     WorldBoxToImaged,
     preprocessing,
+    slice_with_context,
 )
 from medrpn.geometry import image_to_world_boxes
 
@@ -146,3 +148,48 @@ def test_box_outside_the_image_names_the_scan() -> None:
     world = world + np.array([500.0, 0, 0, 500.0, 0, 0])
     with pytest.raises(BoxOutsideImageError, match=r"planted\.nii\.gz: box .* lies entirely outside the image"):
         WorldBoxToImaged("box", "label", "image")(_item(img, world))
+
+
+def test_hessian_channels_follow_the_image_and_its_spacing() -> None:
+    img, _ = _volume(shape=(24, 24, 12), spacing=(1.0, 1.0, 2.0), cube=((10, 14), (10, 14), (5, 7)))
+    out = HessianFeaturesd("image", sigmas_mm=[1.5], gain=5.0)({"image": img})["image"]
+    assert isinstance(out, MetaTensor) and out.shape == (3, 24, 24, 12)
+    torch.testing.assert_close(out.affine, img.affine)
+    torch.testing.assert_close(out[:1], img.as_tensor())  # the image is kept as channel 0
+    dot, line = out[1], out[2]
+    assert (dot >= 0).all() and (line >= 0).all() and float(dot.max()) <= 10.0
+    # a 4 x 4 x 4 mm cube (2 slices at 2 mm) is a blob: the dot response peaks at its centre
+    peak = np.unravel_index(int(dot.argmax()), dot.shape)
+    assert 11 <= peak[0] <= 12 and 11 <= peak[1] <= 12 and 5 <= peak[2] <= 6
+    # flipping the image flips the channels (shape responses do not depend on the direction of an axis)
+    flipped = HessianFeaturesd("image", sigmas_mm=[1.5], gain=5.0)(
+        {"image": MetaTensor(img.flip(1), affine=img.affine)}
+    )
+    torch.testing.assert_close(flipped["image"][1:].flip(1), out[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_hessian_channels_of_a_2d_image_and_argument_checks() -> None:
+    arr = torch.zeros(1, 32, 32)
+    arr[0, 14:18, 14:18] = 1.0
+    out = HessianFeaturesd("image", sigmas_mm=[1.0, 2.0])({"image": MetaTensor(arr, affine=torch.eye(3))})["image"]
+    assert out.shape == (3, 32, 32) and float(out[1, 15:17, 15:17].min()) > 0
+    with pytest.raises(ValueError, match="sigmas"):
+        HessianFeaturesd("image", sigmas_mm=[])
+    with pytest.raises(ValueError, match="gain"):
+        HessianFeaturesd("image", sigmas_mm=[1.0], gain=0.0)
+
+
+def test_preprocessing_appends_hessian_channels_and_slices_keep_them() -> None:
+    img, world = _volume(shape=(20, 18, 16), cube=((4, 8), (6, 9), (3, 7)))
+    d = preprocessing(spacing_mm=None, intensity="none", orientation=None, load=False, hessian_sigmas_mm=[1.0])(
+        _item(img, world)
+    )
+    assert d["image"].shape == (3, 20, 18, 16)
+    np.testing.assert_allclose(d["box"].numpy()[0], [4, 6, 3, 8, 9, 7])
+    x = slice_with_context(torch.as_tensor(d["image"]), 5, 1)
+    assert x.shape == (5, 20, 18)  # slices 4, 5, 6 of the image, then dot and line of slice 5
+    torch.testing.assert_close(x[:3], torch.as_tensor(d["image"])[0, ..., 4:7].permute(2, 0, 1))
+    torch.testing.assert_close(x[3:], torch.as_tensor(d["image"])[1:, ..., 5])
+    t = RandSliceSampled(num_samples=2, positive_fraction=1.0, context=1)
+    t.set_random_state(0)
+    assert all(s["image"].shape == (5, 20, 18) for s in t(d))

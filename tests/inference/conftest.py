@@ -72,12 +72,18 @@ def write_checkpoint(
     spacing_mm: tuple[float, ...] = MODEL_SPACING,
     patch_size: tuple[int, ...] | None = None,
     extra: dict[str, Any] | None = None,
+    hessian_sigmas_mm: tuple[float, ...] = (),
 ) -> Path:
     """Save ``detector`` the way ``LesionDetectionModule.on_save_checkpoint`` does (Lightning-style dict)."""
     module = LesionDetectionModule(
         detector=detector,
         inference=WholeScanConfig(patch_size=patch_size, max_detections=5, max_proposals=20),
-        preprocessing=PreprocessingConfig(spacing_mm=tuple(spacing_mm), intensity="ct", ct_window=(-1000.0, 400.0)),
+        preprocessing=PreprocessingConfig(
+            spacing_mm=tuple(spacing_mm),
+            intensity="ct",
+            ct_window=(-1000.0, 400.0),
+            hessian_sigmas_mm=hessian_sigmas_mm,
+        ),
         class_names=CLASS_NAMES,
         froc_plot=False,
     )

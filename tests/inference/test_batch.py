@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from scipy import ndimage
 
 from medrpn.data.io import discover_scans
@@ -591,3 +592,29 @@ def test_next_scan_is_prefetched_in_a_background_thread(
     assert all(name.startswith("medrpn-prefetch") for _, name, _ in loads)
     # the second scan was being loaded while the first one was still being detected
     assert loads[1][2] < detects[0][2]
+
+
+def test_hessian_channel_models_get_them_at_inference(inputs: Inputs, tmp_path: Path) -> None:
+    """A model trained with Hessian channels stores their scales; inference recomputes them for 3D and 2D models."""
+    from medrpn.inference.batch import PreprocessingSpec
+
+    torch.manual_seed(0)
+    ckpt3 = write_checkpoint(
+        tmp_path / "h3.ckpt", make_detector(3, in_channels=3), patch_size=(48, 48, 32), hessian_sigmas_mm=(4.0,)
+    )
+    ckpt2 = write_checkpoint(  # 2D slices: image (no context) + dot + line
+        tmp_path / "h2.ckpt",
+        make_detector(2, in_channels=3, spacing_mm=(1.0, 1.0)),
+        spacing_mm=(1.0, 1.0, 1.0),
+        hessian_sigmas_mm=(1.5, 3.0),
+    )
+    model3, model2 = load_inference_model(ckpt3), load_inference_model(ckpt2)
+    assert model3.hessian_sigmas_mm == (4.0,) and model2.hessian_sigmas_mm == (1.5, 3.0)
+    assert PreprocessingSpec.from_model(model2).hessian_sigmas_mm == (1.5, 3.0)
+    nifti = next(inputs.root / rel for sid, rel in inputs.sources.items() if inputs.formats[sid] == "nifti")
+    for name, model in (("3d", model3), ("2d", model2)):
+        report = run_batch(model, [nifti], tmp_path / name, progress=False)
+        assert report.failures == [] and len(report.processed) == 1, name
+    dx = write_dx(tmp_path / "dx" / "chest_dx.dcm")  # a genuine 2D image: 2D Hessian channels
+    report = run_batch(model2, [dx.parent], tmp_path / "dx_out", progress=False)
+    assert report.failures == [] and len(report.processed) == 1
