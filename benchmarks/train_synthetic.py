@@ -24,11 +24,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import cast
 
 import torch
 
-from medrpn.data.transforms import IntensityPreset
 from medrpn.module import ScanMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,19 +54,7 @@ def evaluate_checkpoint(ckpt: Path, datalist: Path, split: str = "validation") -
     from medrpn.module import evaluate_scans
 
     model = load_inference_model(ckpt)
-    dm = LesionDataModule(
-        datalist=str(datalist),
-        spatial_dims=3,
-        spacing_mm=model.spacing_mm,
-        intensity=cast(IntensityPreset, model.intensity),
-        ct_window=model.ct_window,
-        orientation=model.orientation,
-        hessian_sigmas_mm=model.hessian_sigmas_mm,
-        hessian_gain=model.hessian_gain,
-        patch_size=(32, 32, 32),
-        cache="none",
-        val_key=split,
-    )
+    dm = LesionDataModule.for_model(model, datalist=str(datalist), patch_size=(32, 32, 32), cache="none", val_key=split)
     dm.setup("validate")
     outputs = []
     start = time.perf_counter()

@@ -108,7 +108,8 @@ def test_fit_smoke_losses_decrease_and_proposals_are_well_formed(tmp_path: Path,
 
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     model = load_inference_model(ckpt)  # weights_only=True round trip
-    dm = LesionDataModule(datalist=str(tiny_data), spacing_mm=model.spacing_mm, patch_size=(32, 32, 24))
+    assert model.hessian_sigmas_mm == (1.0, 2.0)  # the demo's shape channels travel with the checkpoint
+    dm = LesionDataModule.for_model(model, datalist=str(tiny_data), patch_size=(32, 32, 24))
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     from medrpn.inference.whole_scan import detect_scan

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
@@ -29,6 +29,9 @@ from monai.transforms import Compose
 
 from medrpn.data.datalists import CaseRecord, read_monai_datalist
 from medrpn.data.transforms import IntensityPreset, preprocessing, train_augmentation
+
+if TYPE_CHECKING:
+    from medrpn.inference.checkpoint import InferenceModel
 
 CacheMode = Literal["memory", "disk", "none"]
 
@@ -177,6 +180,32 @@ class LesionDataModule(pl.LightningDataModule):
         self.predict_output = predict_output
         self.predict_overwrite = predict_overwrite
         self._datasets: dict[str, Any] = {}
+
+    @classmethod
+    def for_model(cls, model: InferenceModel, *, datalist: str, **kwargs: Any) -> LesionDataModule:
+        """A datamodule that preprocesses exactly as ``model`` was trained (to evaluate a checkpoint on a datalist).
+
+        Args:
+            model: a loaded checkpoint (:func:`medrpn.inference.checkpoint.load_inference_model`).
+            datalist: the datalist JSON.
+            **kwargs: any other constructor argument (``patch_size``, ``cache``, ``val_key``...; validation scans
+                are whole volumes for 2D models too, so ``spatial_dims`` may stay 3).
+
+        Returns:
+            The datamodule, with the model's spacing, intensity preset, CT window, orientation, 2.5D context and
+            Hessian channels.
+        """
+        return cls(
+            datalist=datalist,
+            spacing_mm=model.spacing_mm,
+            intensity=cast(IntensityPreset, model.intensity),
+            ct_window=model.ct_window,
+            orientation=model.orientation,
+            slice_context=model.slice_context,
+            hessian_sigmas_mm=model.hessian_sigmas_mm,
+            hessian_gain=model.hessian_gain,
+            **kwargs,
+        )
 
     @property
     def in_channels(self) -> int:

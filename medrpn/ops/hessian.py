@@ -3,13 +3,15 @@
 The classic nodule-CAD features (Li, Sone and Doi, *Selective enhancement filters for nodules, vessels, and airway
 walls in two- and three-dimensional CT scans*, Med. Phys. 30(8), 2003): at scale ``sigma`` the Hessian of the
 Gaussian-smoothed image has, at the centre of a bright ball, ``D`` equally negative eigenvalues; at the axis of a
-bright tube (a vessel) one of them is near zero. With the eigenvalues ordered by magnitude,
-``|l1| >= |l2| (>= |l3|)``:
+bright tube (a vessel) one of them is near zero. With the eigenvalues in ascending order ``l1 <= l2 (<= l3)``
+(``l1`` the strongest bright curvature):
 
-- **dot** (blob) ``= |l_D|^2 / |l1|`` where every eigenvalue is negative, else 0 — large only for round bright
-  structures, zero on the axis of a tube;
-- **line** (tube) ``= |l2| (|l2| - |l3|) / |l1|`` in 3D where ``l1, l2 < 0`` (``|l2|`` where ``l2 < 0`` in 2D... see
-  :func:`hessian_shape_filters`) — large on vessels and zero on a ball.
+- **dot** (blob) ``= l_D^2 / |l1|`` where every eigenvalue is negative, else 0: large only for round bright
+  structures, zero on the axis of a tube (Li et al.'s dot filter);
+- **line** (tube) ``= |l2| (|l2| - max(-l3, 0)) / |l1|`` in 3D where ``l2 < 0`` (in 2D ``|l1| - max(-l2, 0)`` where
+  ``l1 < 0``): large on vessels and zero on a ball. This is Li et al.'s line filter where the third eigenvalue is
+  negative; where it is positive it counts as 0 here (Li et al. order by magnitude, so a large positive curvature
+  would switch the response off), which keeps a response along the flanks of a vessel.
 
 Each response is scale-normalised by ``sigma^2`` (Lindeberg), so the scales compare, and the maximum over the
 scales is returned. ``sigma`` is given in millimetres and converted per axis with the voxel spacing, so an
@@ -171,13 +173,12 @@ def hessian_shape_filters(
         bright: enhance structures brighter than their surroundings (nodules and vessels in CT); ``False`` for dark.
 
     Returns:
-        ``(dot, line)``, each shaped like ``image``, non-negative, in image units (intensity per sigma^2 times
-        sigma^2).
+        ``(dot, line)``, each shaped like ``image``, non-negative, in image intensity units (curvature per mm^2
+        times sigma^2 in mm^2).
 
-        In 3D (eigenvalues of the bright-structure Hessian ``-H``... written for bright structures, magnitudes
-        ``|l1| >= |l2| >= |l3|``): ``dot = |l3|^2/|l1|`` if ``l1, l2, l3 < 0``; ``line = |l2| (|l2| - |l3|) / |l1|``
-        if ``l1, l2 < 0``. In 2D: ``dot = |l2|^2/|l1|`` if both are negative; ``line = |l1| - |l2|`` if ``l1 < 0``
-        (``|l2|`` counted only when ``l2 < 0``).
+        With the eigenvalues of ``sigma^2 H`` (of ``-sigma^2 H`` for dark structures) ascending, ``l1 <= l2 <= l3``:
+        in 3D ``dot = l3^2 / |l1|`` if ``l3 < 0``, ``line = |l2| (|l2| - max(-l3, 0)) / |l1|`` if ``l2 < 0``; in 2D
+        ``dot = l2^2 / |l1|`` if ``l2 < 0``, ``line = |l1| - max(-l2, 0)`` if ``l1 < 0``; 0 elsewhere.
     """
     dims = image.ndim
     if len(spacing_mm) != dims:
