@@ -127,6 +127,26 @@ class LesionMapTrainingConfig:
             )
 
 
+def check_input_channels(detector: LesionDetector, datamodule: Any) -> None:
+    """Refuse data whose channel count differs from what the detector's backbone reads, naming the setting to change.
+
+    Args:
+        detector: the model.
+        datamodule: anything with an ``in_channels`` int (``LesionDataModule``); other objects are not checked.
+
+    Raises:
+        ValueError: the counts differ (e.g. ``data.hessian_sigmas_mm`` or ``data.slice_context`` changed without the
+            backbone's ``in_channels``), instead of a shape error deep in the first convolution.
+    """
+    expected = getattr(datamodule, "in_channels", None)
+    if isinstance(expected, int) and expected != detector.in_channels:
+        raise ValueError(
+            f"the data gives {expected} input channels but the detector's backbone reads {detector.in_channels}: "
+            f"set model.detector.init_args.backbone.init_args.in_channels={expected} "
+            "(2.5D slices: 2 * slice_context + 1; Hessian channels: +2)"
+        )
+
+
 @dataclass(frozen=True)
 class PreprocessingConfig:
     """What inference must do to a scan before the network sees it (stored in checkpoints).
@@ -257,17 +277,10 @@ class LesionDetectionModule(pl.LightningModule):
         """Check the input channels against the data; before fitting, plan ``anchors: auto`` from the training split.
 
         Raises:
-            ValueError: the datamodule feeds a different number of channels than the detector's backbone reads
-                (e.g. ``data.hessian_sigmas_mm`` or ``data.slice_context`` changed without ``in_channels``).
+            ValueError: see :func:`check_input_channels`.
         """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        expected = getattr(datamodule, "in_channels", None)
-        if isinstance(expected, int) and expected != self.detector.in_channels:
-            raise ValueError(
-                f"the data gives {expected} input channels but the detector's backbone reads "
-                f"{self.detector.in_channels}: set model.detector.init_args.backbone.init_args.in_channels={expected} "
-                "(2.5D slices: 2 * slice_context + 1; Hessian channels: +2)"
-            )
+        check_input_channels(self.detector, datamodule)
         if stage != "fit" or datamodule is None:
             return
         from medrpn.anchors_planning import plan_for_training

@@ -119,14 +119,12 @@ def test_lesion_map_training_config_is_checked() -> None:
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_setup_refuses_data_with_other_input_channels(spatial_dims: int, tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
+def test_input_channels_of_data_and_backbone_must_agree(spatial_dims: int, tmp_path: Path) -> None:
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.modeling.anchors import AnchorGenerator
     from medrpn.modeling.backbone import ResNetFPN
     from medrpn.modeling.detector import LesionDetector
-    from medrpn.module import LesionDetectionModule
+    from medrpn.module import check_input_channels
 
     d = spatial_dims
     det = LesionDetector(
@@ -134,17 +132,14 @@ def test_setup_refuses_data_with_other_input_channels(spatial_dims: int, tmp_pat
         anchor_generator=AnchorGenerator(spatial_dims=d, shapes=[[[6.0] * d], [[12.0] * d]], spacing_mm=[2.0] * d),
         num_classes=1,
     )
-    module = LesionDetectionModule(detector=det, class_names=["lesion"])
     patch = [32] * d
     matching = {"hessian_sigmas_mm": [1.0, 2.0]} if d == 3 else {"slice_context": 1}
-    for data_kwargs, ok in ((matching, True), ({}, False)):
-        dm = LesionDataModule(datalist=str(tmp_path / "unused.json"), spatial_dims=d, patch_size=patch, **data_kwargs)
-        module._trainer = SimpleNamespace(datamodule=dm)  # type: ignore[assignment]
-        if ok:
-            assert dm.in_channels == 3
-            module.setup("validate")  # channels agree (no anchor planning outside fit)
-        else:
-            with pytest.raises(ValueError, match="in_channels=1"):
-                module.setup("validate")
+    dm = LesionDataModule(datalist=str(tmp_path / "unused.json"), spatial_dims=d, patch_size=patch, **matching)
+    assert dm.in_channels == 3
+    check_input_channels(det, dm)
+    check_input_channels(det, None)  # no datamodule (a plain dataloader): nothing to check
+    plain = LesionDataModule(datalist=str(tmp_path / "unused.json"), spatial_dims=d, patch_size=patch)
+    with pytest.raises(ValueError, match="in_channels=1"):
+        check_input_channels(det, plain)
     with pytest.raises(ValueError, match="hessian_sigmas_mm must be positive"):
         LesionDataModule(datalist="unused.json", spatial_dims=d, patch_size=patch, hessian_sigmas_mm=[0.0])
