@@ -38,6 +38,7 @@ from monai.apps.detection.transforms.dictionary import (
 )
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -190,10 +191,8 @@ class HessianFeaturesd(MapTransform):
             img = d[key]
             arr = torch.as_tensor(img).float()
             dims = arr.ndim - 1
-            affine = torch.as_tensor(
-                img.affine if isinstance(img, MetaTensor) else torch.eye(dims + 1), dtype=torch.float64
-            )
-            spacing = [float(v) for v in torch.linalg.norm(affine[:dims, :dims], dim=0)]
+            affine = img.affine if isinstance(img, MetaTensor) else torch.eye(dims + 1)
+            spacing = [float(v) for v in affine_to_spacing(torch.as_tensor(affine, dtype=torch.float64), r=dims)]
             dot, line = hessian_shape_filters(arr[0], self.sigmas_mm, spacing, bright=self.bright)
             feats = torch.stack([dot, line]).mul_(self.gain).clamp_(0.0, self.max_value)
             out = torch.cat([arr, feats.to(arr.dtype)], dim=0)
