@@ -13,7 +13,8 @@ included); load the best checkpoint (by validation CPM; ``last.ckpt`` if validat
 scan, CPM with its scan-bootstrap 95% interval, CPM per lesion-diameter band, AP, recall@K) and write
 ``froc.png`` and ``report.md`` into ``--out``. ``--heldout-cases 40`` evaluates on ``data/heldout40`` instead
 (its first 10 scans are ``data/heldout``) and writes ``froc_heldout40.png`` / ``report_heldout40.md``;
-with ``--skip-training`` it re-scores an existing run.
+with ``--skip-training`` it re-scores an existing run, and ``--tta 01`` (or ``012``) evaluates with flip
+test-time augmentation (views fused by score averaging; reports suffixed ``_tta01``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,8 +47,14 @@ def _ensure_data(root: Path, heldout_cases: int = 10) -> tuple[Path, Path]:
     return train / "datalist.json", held / "datalist.json"
 
 
-def evaluate_checkpoint(ckpt: Path, datalist: Path, split: str = "validation") -> tuple[ScanMetrics, float, int]:
-    """Whole-scan inference with a checkpoint's own settings and the epoch metrics of the module."""
+def evaluate_checkpoint(
+    ckpt: Path, datalist: Path, split: str = "validation", tta_axes: tuple[int, ...] = ()
+) -> tuple[ScanMetrics, float, int]:
+    """Whole-scan inference with a checkpoint's own settings and the epoch metrics of the module.
+
+    ``tta_axes`` (e.g. ``(0, 1)``) turns on flip test-time augmentation along those axes, fused as the
+    checkpoint's ``inference.flip_merge`` says (default ``"mean"``).
+    """
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.geometry import image_to_world_boxes
     from medrpn.inference.checkpoint import load_inference_model
@@ -54,6 +62,8 @@ def evaluate_checkpoint(ckpt: Path, datalist: Path, split: str = "validation") -
     from medrpn.module import evaluate_scans
 
     model = load_inference_model(ckpt)
+    if tta_axes:
+        model = replace(model, whole_scan=replace(model.whole_scan, flip_tta=True, flip_axes=tta_axes))
     dm = LesionDataModule.for_model(model, datalist=str(datalist), patch_size=(32, 32, 32), cache="none", val_key=split)
     dm.setup("validate")
     outputs = []
@@ -91,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         help="held-out scans (seed 1; default 10 = data/heldout, the README's figures); more give a tighter CPM "
         "interval, e.g. 40 -> data/heldout40 and report_heldout40.md",
     )
+    p.add_argument(
+        "--tta",
+        default="",
+        help="flip test-time augmentation at evaluation along these axes, e.g. 01 (in-plane) or 012; "
+        "reports get a _tta01 / _tta012 suffix",
+    )
     p.add_argument("extra", nargs="*", help="extra `medrpn fit` overrides, e.g. --trainer.max_epochs=80")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -99,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--heldout-cases must be >= 1, got {args.heldout_cases}")
     train_list, held_list = _ensure_data(ROOT, args.heldout_cases)
     suffix = "" if args.heldout_cases == 10 else f"_heldout{args.heldout_cases}"
+    if args.tta and not set(args.tta) <= set("012"):
+        p.error(f"--tta takes axis digits among 0, 1, 2, e.g. 01, got {args.tta!r}")
+    tta_axes = tuple(int(c) for c in args.tta)
+    if tta_axes:
+        suffix += f"_tta{args.tta}"
     ckpt_dir = out / "checkpoints"
     train_seconds = float("nan")
     if not args.skip_training:
@@ -126,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = ckpt_dir / "best.ckpt"
     if not ckpt.is_file():
         ckpt = ckpt_dir / "last.ckpt"
-    metrics, infer_seconds, n_scans = evaluate_checkpoint(ckpt, held_list)
+    metrics, infer_seconds, n_scans = evaluate_checkpoint(ckpt, held_list, tta_axes=tta_axes)
     from medrpn.evaluation.plots import plot_froc
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
@@ -134,9 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         f"# {Path(args.config).name} on held-out synthetic scans",
         "",
         f"- checkpoint: `{ckpt}`",
-        f"- training wall time: {train_seconds / 60:.1f} min (budget {args.minutes:g} min) on {machine}",
+        (
+            f"- training wall time: {train_seconds / 60:.1f} min (budget {args.minutes:g} min) on {machine}"
+            if not args.skip_training
+            else f"- training: not run here (--skip-training); evaluated on {machine}"
+        ),
         f"- held-out scans: {n_scans} ({held_list.parent.name}); "
-        f"whole-scan inference {infer_seconds / max(n_scans, 1):.1f} s/scan",
+        f"whole-scan inference {infer_seconds / max(n_scans, 1):.1f} s/scan"
+        + (f" with flip test-time augmentation along axes {args.tta}" if tta_axes else ""),
         "",
     ]
     if metrics.froc is not None:

@@ -15,11 +15,12 @@ $BIN/medrpn fit --config configs/demo.yaml --trainer.default_root_dir "$OUT" --c
 CKPT="$OUT/checkpoints/best.ckpt"   # best validation CPM
 [ -f "$CKPT" ] || CKPT="$OUT/checkpoints/last.ckpt"   # (a run too short to validate)
 echo "== 3/4 evaluation on the held-out synthetic scans (FROC/CPM)"
+# flip test-time augmentation (x and y flips, scores averaged over the 3 views): README, "Test-time augmentation"
 $BIN/medrpn test --config configs/demo.yaml --ckpt_path "$CKPT" --data.datalist data/heldout/datalist.json \
-  --trainer.logger false
+  --model.inference.flip_tta true --trainer.logger false
 echo "== 4/4 batch inference over the held-out scans (DICOM series + NIfTI) with overlays for review"
 $BIN/medrpn infer --checkpoint "$CKPT" --input data/heldout/dicom --input data/heldout/nifti --output "$OUT/infer" \
-  --overwrite
+  --tta --overwrite
 echo
 echo "Done. Review the findings: open $OUT/infer/index.html"
 echo "(per scan: proposals.json, NIfTI overlays, 3D Slicer markups, DICOM SEG/SR/GSPS, review PNGs)"

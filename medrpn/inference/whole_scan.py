@@ -13,7 +13,9 @@
   that evidence seen on several neighbouring slices outranks a look-alike seen on one slice (a vessel
   cross-section, noise), or ``max``, the best slice's probability.
 - Optional flip test-time augmentation: every patch/slice is also run flipped along each in-plane
-  axis; boxes are flipped back and merged by the same NMS.
+  axis; boxes are flipped back and the views are fused (``flip_merge="mean"``, the default:
+  :func:`medrpn.inference.fusion.fuse_views` averages each finding's score over all views, so a look-alike
+  only one view produced sinks) or merged by NMS (``"max"``: the best view's box and score).
 
 Everything is in voxel-edge image coordinates of the preprocessed volume; callers convert to world
 millimetres with :func:`medrpn.geometry.image_to_world_boxes` and the volume's affine.
@@ -34,6 +36,7 @@ from monai.data.box_utils import box_iou
 from torch import Tensor
 
 from medrpn.data.transforms import slice_with_context
+from medrpn.inference.fusion import fuse_views
 from medrpn.modeling.detector import LesionDetector
 from medrpn.modeling.structures import Detections, Proposals, objectness_probability
 from medrpn.ops.nms import nms
@@ -49,7 +52,11 @@ class WholeScanConfig:
         merge_iou: NMS IoU when merging detections across patches / flips.
         max_detections: detections kept per scan.
         max_proposals: RPN proposals kept per scan (for recall metrics).
-        flip_tta: also run flipped along the in-plane axes.
+        flip_tta: also run flipped along each of ``flip_axes`` (one extra pass per axis).
+        flip_axes: spatial axes the flips run along: ``(0, 1)`` in-plane (default), ``(0, 1, 2)`` adds the
+            slice axis for 3D models. 2D models (slices, 2D images) only take axes 0 and 1.
+        flip_merge: how the flipped views are combined: ``"mean"`` (weighted box fusion, score averaged over
+            the views) or ``"max"`` (NMS over the views' detections, best score wins).
         slice_batch: slices per forward pass in 2D.
         link_iou: in-plane IoU that links 2D detections on neighbouring slices.
         slice_score: 2D only, how a linked finding is scored from its slices: ``"noisy_or"``
@@ -65,6 +72,8 @@ class WholeScanConfig:
     max_detections: int = 100
     max_proposals: int = 300
     flip_tta: bool = False
+    flip_axes: tuple[int, ...] = (0, 1)
+    flip_merge: Literal["max", "mean"] = "mean"
     slice_batch: int = 8
     link_iou: float = 0.3
     slice_score: Literal["max", "noisy_or"] = "noisy_or"
@@ -72,6 +81,14 @@ class WholeScanConfig:
     heatmap: bool = False
 
     def __post_init__(self) -> None:
+        if (
+            not self.flip_axes
+            or len(set(self.flip_axes)) != len(self.flip_axes)
+            or not set(self.flip_axes) <= {0, 1, 2}
+        ):
+            raise ValueError(f"flip_axes must be distinct axes among 0, 1, 2, got {self.flip_axes!r}")
+        if self.flip_merge not in ("max", "mean"):
+            raise ValueError(f"flip_merge must be 'max' or 'mean', got {self.flip_merge!r}")
         if self.slice_score not in ("max", "noisy_or"):
             raise ValueError(f"slice_score must be 'max' or 'noisy_or', got {self.slice_score!r}")
         if self.slice_score_top_k < 1:
@@ -110,6 +127,17 @@ def _flip_boxes(boxes: Tensor, axis: int, size: int) -> Tensor:
     return out
 
 
+def _flip_axes(config: WholeScanConfig, spatial_dims: int) -> list[int]:
+    """The flip axes of ``config`` for a ``spatial_dims`` model input (none without ``flip_tta``)."""
+    if not config.flip_tta:
+        return []
+    if max(config.flip_axes) >= spatial_dims:
+        raise ValueError(
+            f"flip_axes {config.flip_axes} do not fit a {spatial_dims}D model input (axes 0..{spatial_dims - 1})"
+        )
+    return list(config.flip_axes)
+
+
 def _heatmap(detector: LesionDetector, images: Tensor) -> tuple[list[Detections], list[Proposals], Tensor | None]:
     """Run the detector once; also return proposals and the finest-level objectness map upsampled."""
     features, out = detector.features_and_proposals(images)
@@ -125,23 +153,32 @@ def _heatmap(detector: LesionDetector, images: Tensor) -> tuple[list[Detections]
 
 
 def _run(
-    detector: LesionDetector, images: Tensor, flip_axes: Sequence[int], want_heatmap: bool
+    detector: LesionDetector,
+    images: Tensor,
+    flip_axes: Sequence[int],
+    want_heatmap: bool,
+    flip_merge: Literal["max", "mean"] = "max",
+    merge_iou: float = 0.3,
 ) -> tuple[list[Detections], list[Proposals], Tensor | None]:
-    """Detections/proposals for a batch, merged over flips (flip axes are spatial axes)."""
+    """Detections/proposals for a batch, combined over flips (flip axes are spatial axes).
+
+    With ``flip_merge="mean"`` the views are fused per image (:func:`fuse_views` at ``merge_iou``); with
+    ``"max"`` they are concatenated for the caller's NMS. Proposals are always concatenated.
+    """
     dets, props, heat = _heatmap(detector, images) if want_heatmap else (*_plain(detector, images), None)
+    views: list[list[Detections]] = [[d] for d in dets]
     for axis in flip_axes:
         size = images.shape[2 + axis]
         fdets, fprops = _plain(detector, torch.flip(images, dims=[2 + axis]))
         for i in range(len(dets)):
             fd = fdets[i]
-            dets[i] = _cat_dets(
-                [
-                    dets[i],
-                    Detections(_flip_boxes(fd.boxes, axis, size), fd.scores, fd.labels, fd.class_probs, fd.objectness),
-                ]
+            views[i].append(
+                Detections(_flip_boxes(fd.boxes, axis, size), fd.scores, fd.labels, fd.class_probs, fd.objectness)
             )
             fp = fprops[i]
             props[i] = _cat_props([props[i], Proposals(_flip_boxes(fp.boxes, axis, size), fp.scores, fp.levels)])
+    if flip_axes:
+        dets = [fuse_views(v, merge_iou) if flip_merge == "mean" else _cat_dets(v) for v in views]
     return dets, props, heat
 
 
@@ -237,13 +274,13 @@ def detect_volume(
     overlap_vox = [
         min((p - (b - a) for a, b in itertools.pairwise(st_)), default=p) for st_, p in zip(axis_starts, patch)
     ]
-    flip_axes = [0, 1] if config.flip_tta else []
+    flip_axes = _flip_axes(config, 3)
     all_dets, all_props = [], []
     heat = torch.zeros(padded, device=volume.device) if config.heatmap else None
     for n_done, st in enumerate(starts, start=1):
         sl = tuple(slice(s, s + p) for s, p in zip(st, patch))
         crop = volume[(slice(None), slice(None), *sl)]
-        dets, props, h = _run(detector, crop, flip_axes, config.heatmap)
+        dets, props, h = _run(detector, crop, flip_axes, config.heatmap, config.flip_merge, config.merge_iou)
         offset = torch.tensor(list(st) * 2, dtype=torch.float32, device=volume.device)
         dd, pp = dets[0], props[0]
         keep = _interior_mask(dd.boxes, st, patch, padded, overlap_vox)
@@ -358,14 +395,14 @@ def detect_slices(
     """
     detector.eval()
     depth = int(volume.shape[-1])
-    flip_axes = [0, 1] if config.flip_tta else []
+    flip_axes = _flip_axes(config, 2)
     per_slice: list[Detections] = []
     prop_parts: list[Proposals] = []
     heat = torch.zeros(tuple(volume.shape[2:]), device=volume.device) if config.heatmap else None
     for s in range(0, depth, config.slice_batch):
         ks = list(range(s, min(depth, s + config.slice_batch)))
         batch = torch.stack([slice_with_context(volume[0], k, context) for k in ks])
-        dets, props, h = _run(detector, batch, flip_axes, config.heatmap)
+        dets, props, h = _run(detector, batch, flip_axes, config.heatmap, config.flip_merge, config.merge_iou)
         for j, k in enumerate(ks):
             per_slice.append(_nms_dets(dets[j], config.merge_iou, config.max_detections))
             p = props[j]
@@ -408,7 +445,8 @@ def detect_scan(
     if detector.spatial_dims == 3:
         return detect_volume(detector, volume, config, progress=progress)
     if volume.ndim == 4:  # a genuine 2D image
-        dets, props, heat = _run(detector.eval(), volume, [0, 1] if config.flip_tta else [], config.heatmap)
+        flips = _flip_axes(config, 2)
+        dets, props, heat = _run(detector.eval(), volume, flips, config.heatmap, config.flip_merge, config.merge_iou)
         d = _nms_dets(dets[0], config.merge_iou, config.max_detections)
         if progress is not None:
             progress(1, 1)

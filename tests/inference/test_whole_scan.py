@@ -97,6 +97,56 @@ def test_flip_tta_boxes_come_back_unflipped() -> None:
     np.testing.assert_allclose(result.detections.boxes.numpy(), [cube])  # three passes, merged to one box
 
 
+class CornerArtefactDetector(BrightRegionDetector):
+    """Also reports a confident box at the input's first corner: after unflipping, each view puts it elsewhere."""
+
+    def forward_from(self, features: list[torch.Tensor], out: RPNOutput) -> list[Detections]:
+        dets = super().forward_from(features, out)
+        corner = torch.tensor([[0.0] * self.spatial_dims + [4.0] * self.spatial_dims])
+        one = torch.ones(1)
+        return [
+            Detections(
+                torch.cat([corner, d.boxes]),
+                torch.cat([0.95 * one, d.scores]),
+                torch.cat([torch.zeros(1, dtype=torch.long), d.labels]),
+                torch.cat([0.95 * one[:, None], d.class_probs]),
+                torch.cat([0.95 * one, d.objectness]),
+            )
+            for d in dets
+        ]
+
+
+@pytest.mark.parametrize(("merge", "cube_first"), [("mean", True), ("max", False)])
+def test_flip_fusion_by_mean_sinks_a_view_dependent_artefact(merge: str, cube_first: bool) -> None:
+    cube = (10, 12, 4, 17, 20, 9)
+    cfg = WholeScanConfig(patch_size=(60, 50, 30), flip_tta=True, flip_merge=merge)  # type: ignore[arg-type]
+    result = detect_volume(CornerArtefactDetector(3), _volume([cube]), cfg)  # type: ignore[arg-type]
+    top = result.detections.boxes[0].numpy()
+    assert np.allclose(top, cube) == cube_first
+    if merge == "mean":
+        # the cube is seen by all three views (0.9 each); each unflipped artefact copy by one view only
+        np.testing.assert_allclose(result.detections.scores.numpy(), [0.9, 0.95 / 3, 0.95 / 3, 0.95 / 3], rtol=1e-5)
+
+
+def test_flip_tta_along_the_slice_axis_too() -> None:
+    det = BrightRegionDetector(3)
+    cube = (10, 12, 4, 17, 20, 9)
+    cfg = WholeScanConfig(patch_size=(60, 50, 30), flip_tta=True, flip_axes=(0, 1, 2))
+    result = detect_volume(det, _volume([cube]), cfg)  # type: ignore[arg-type]
+    assert det.calls == 4
+    np.testing.assert_allclose(result.detections.boxes.numpy(), [cube])
+    np.testing.assert_allclose(result.detections.scores.numpy(), [0.9], rtol=1e-6)  # all four views agree
+
+
+def test_flip_axes_are_checked() -> None:
+    for bad in [(), (0, 0), (3,)]:
+        with pytest.raises(ValueError, match="flip_axes"):
+            WholeScanConfig(flip_axes=bad)
+    cfg = WholeScanConfig(slice_batch=4, flip_tta=True, flip_axes=(0, 2))
+    with pytest.raises(ValueError, match="2D model input"):
+        detect_slices(BrightRegionDetector(2), _volume([]), cfg)  # type: ignore[arg-type]
+
+
 def test_slice_detections_are_linked_into_3d_findings() -> None:
     det = BrightRegionDetector(2)
     cubes = [(5, 5, 3, 12, 10, 9), (30, 30, 15, 40, 44, 18)]
