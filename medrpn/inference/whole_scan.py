@@ -157,8 +157,8 @@ def _run(
     images: Tensor,
     flip_axes: Sequence[int],
     want_heatmap: bool,
-    flip_merge: Literal["max", "mean"] = "max",
-    merge_iou: float = 0.3,
+    flip_merge: Literal["max", "mean"],
+    merge_iou: float,
 ) -> tuple[list[Detections], list[Proposals], Tensor | None]:
     """Detections/proposals for a batch, combined over flips (flip axes are spatial axes).
 

@@ -8,7 +8,7 @@ border handling, NMS across patches and slice linking.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -117,9 +117,9 @@ class CornerArtefactDetector(BrightRegionDetector):
 
 
 @pytest.mark.parametrize(("merge", "cube_first"), [("mean", True), ("max", False)])
-def test_flip_fusion_by_mean_sinks_a_view_dependent_artefact(merge: str, cube_first: bool) -> None:
+def test_flip_fusion_by_mean_sinks_a_view_dependent_artefact(merge: Literal["max", "mean"], cube_first: bool) -> None:
     cube = (10, 12, 4, 17, 20, 9)
-    cfg = WholeScanConfig(patch_size=(60, 50, 30), flip_tta=True, flip_merge=merge)  # type: ignore[arg-type]
+    cfg = WholeScanConfig(patch_size=(60, 50, 30), flip_tta=True, flip_merge=merge)
     result = detect_volume(CornerArtefactDetector(3), _volume([cube]), cfg)  # type: ignore[arg-type]
     top = result.detections.boxes[0].numpy()
     assert np.allclose(top, cube) == cube_first
