@@ -10,9 +10,10 @@ Vision Computing 2021) as nnDetection uses it for its test-time augmentation:
 - the fused box is the score-weighted mean of the cluster's boxes, the fused class probabilities their
   score-weighted mean;
 - the fused **score** (and objectness) is the cluster's sum divided by the number of views, so a view that
-  saw nothing there counts as 0. A finding every view agrees on keeps its probability; a look-alike that
-  only one flip produced (noise, a vessel at one orientation) drops to a fraction of it. That re-ranking is
-  what the averaging buys over keeping the best view's box (NMS), which can only add false positives.
+  saw nothing there counts as 0; fused findings below ``min_score`` are dropped. A finding every view agrees
+  on keeps its probability; a look-alike that only one flip produced (noise, a vessel at one orientation)
+  drops to a fraction of it. That re-ranking is what the averaging buys over keeping the best view's box
+  (NMS), which can only add false positives.
 
 Why not a library: ``ensemble-boxes`` (the reference WBF) works on boxes normalised to [0, 1] in NumPy and
 fuses labels separately; here the boxes are voxel coordinates, the detections carry class probabilities and
@@ -33,13 +34,15 @@ from torch import Tensor
 from medrpn.modeling.structures import Detections
 
 
-def fuse_views(views: Sequence[Detections], iou_threshold: float) -> Detections:
+def fuse_views(views: Sequence[Detections], iou_threshold: float, min_score: float = 0.0) -> Detections:
     """Weighted fusion of the detections of ``len(views)`` views of the same image.
 
     Args:
         views: one :class:`Detections` per view, all in the same (unflipped) image coordinates. Boxes
             ``(M_v, 4)`` (2D) or ``(M_v, 6)`` (3D).
         iou_threshold: minimum IoU between a cluster's seed and a detection of another view that joins it.
+        min_score: fused findings scoring below it are dropped (whole-scan inference passes the lesion head's
+            ``score_threshold``, so averaging does not let in what one view alone would have dropped).
 
     Returns:
         Fused detections sorted by decreasing score; every fused score is at most the best member score.
@@ -90,6 +93,7 @@ def fuse_views(views: Sequence[Detections], iou_threshold: float) -> Detections:
     out_scores = torch.stack(fused_scores)
     out_probs = torch.stack(fused_probs)
     keep = torch.argsort(out_scores, descending=True)
+    keep = keep[out_scores[keep] >= min_score]
     return Detections(
         torch.stack(fused_boxes)[keep].to(boxes.dtype),
         out_scores[keep].to(scores.dtype),

@@ -178,7 +178,9 @@ def _run(
             fp = fprops[i]
             props[i] = _cat_props([props[i], Proposals(_flip_boxes(fp.boxes, axis, size), fp.scores, fp.levels)])
     if flip_axes:
-        dets = [fuse_views(v, merge_iou) if flip_merge == "mean" else _cat_dets(v) for v in views]
+        # the head's threshold applies to the fused score too (a one-view finding drops to a fraction of its score)
+        min_score = detector.head.score_threshold if detector.head is not None else 0.0
+        dets = [fuse_views(v, merge_iou, min_score) if flip_merge == "mean" else _cat_dets(v) for v in views]
     return dets, props, heat
 
 

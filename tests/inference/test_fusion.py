@@ -69,6 +69,13 @@ def test_two_detections_of_the_same_view_are_never_fused(dims: int) -> None:
     np.testing.assert_allclose(out.scores.numpy(), [0.7, 0.35], rtol=1e-6)
 
 
+def test_fused_findings_below_min_score_are_dropped() -> None:
+    views = [_dets([_box(3, 0, 10), _box(3, 30, 40)], [0.9, 0.05], 3), _dets([_box(3, 0, 10)], [0.7], 3)]
+    out = fuse_views(views, 0.3, min_score=0.03)  # the one-view finding fuses to 0.025
+    np.testing.assert_allclose(out.scores.numpy(), [0.8], rtol=1e-6)
+    assert len(fuse_views(views, 0.3)) == 2
+
+
 def test_class_probabilities_are_score_weighted_and_set_the_label() -> None:
     views = [
         _dets([_box(3, 0, 10)], [0.9], 3, probs=[[0.2, 0.7]]),
