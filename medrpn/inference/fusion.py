@@ -59,7 +59,11 @@ def fuse_views(views: Sequence[Detections], iou_threshold: float, min_score: flo
     scores = torch.cat([v.scores for v in views])
     if boxes.shape[0] == 0:
         return Detections(
-            boxes, scores, torch.cat([v.labels for v in views]), torch.cat([v.class_probs for v in views]), scores
+            boxes,
+            scores,
+            torch.cat([v.labels for v in views]),
+            torch.cat([v.class_probs for v in views]),
+            torch.cat([v.objectness for v in views]),
         )
     probs = torch.cat([v.class_probs for v in views]).float()
     objectness = torch.cat([v.objectness for v in views]).float()

@@ -12,10 +12,11 @@
   probabilities: ``noisy_or`` (default) ``1 - prod(1 - p)`` over the ``slice_score_top_k`` best slices, so
   that evidence seen on several neighbouring slices outranks a look-alike seen on one slice (a vessel
   cross-section, noise), or ``max``, the best slice's probability.
-- Optional flip test-time augmentation: every patch/slice is also run flipped along each in-plane
-  axis; boxes are flipped back and the views are fused (``flip_merge="mean"``, the default:
-  :func:`medrpn.inference.fusion.fuse_views` averages each finding's score over all views, so a look-alike
-  only one view produced sinks) or merged by NMS (``"max"``: the best view's box and score).
+- Optional flip test-time augmentation: every patch/slice is also run flipped along each of
+  ``flip_axes`` (in-plane by default); boxes are flipped back and the views are fused
+  (``flip_merge="mean"``, the default: :func:`medrpn.inference.fusion.fuse_views` averages each finding's
+  score over all views, so a look-alike only one view produced sinks) or merged by NMS (``"max"``: the best
+  view's box and score).
 
 Everything is in voxel-edge image coordinates of the preprocessed volume; callers convert to world
 millimetres with :func:`medrpn.geometry.image_to_world_boxes` and the volume's affine.
