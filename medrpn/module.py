@@ -61,6 +61,9 @@ class RPNTrainingConfig:
         matcher: ``"iou"`` (thresholds + ignore band + low-quality matches) or ``"atss"`` (MONAI).
         positive_iou: IoU >= this is positive.
         negative_iou: IoU < this is negative (between: ignored).
+        min_positives_per_box: ``"iou"`` matcher: each box's ``k`` best anchors are positive too (0: only its
+            best, Faster R-CNN's low-quality match). Gives small lesions as many positives as large ones get
+            from the thresholds (see :class:`~medrpn.training.matching.IoUMatcher`).
         atss_candidates: ATSS candidates per level and anchor shape.
         anchors_per_image: anchors sampled per image.
         positive_fraction: maximum fraction of positives among them.
@@ -73,6 +76,7 @@ class RPNTrainingConfig:
     matcher: Literal["iou", "atss"] = "iou"
     positive_iou: float = 0.7
     negative_iou: float = 0.3
+    min_positives_per_box: int = 0
     atss_candidates: int = 4
     anchors_per_image: int = 256
     positive_fraction: float = 0.5
@@ -264,7 +268,11 @@ class LesionDetectionModule(pl.LightningModule):
             return ATSSMatcher(num_candidates=c.atss_candidates)
         if c.matcher != "iou":
             raise ValueError(f"rpn_training.matcher must be 'iou' or 'atss', got {c.matcher!r}")
-        return IoUMatcher(positive_threshold=c.positive_iou, negative_threshold=c.negative_iou)
+        return IoUMatcher(
+            positive_threshold=c.positive_iou,
+            negative_threshold=c.negative_iou,
+            min_positives_per_box=c.min_positives_per_box,
+        )
 
     def _sampler(self) -> Sampler:
         c = self.rpn_cfg

@@ -118,6 +118,25 @@ def test_lesion_map_training_config_is_checked() -> None:
         LesionMapTrainingConfig(weight=-1.0)
 
 
+def test_rpn_training_min_positives_reaches_the_matcher() -> None:
+    from medrpn.modeling.anchors import AnchorGenerator
+    from medrpn.modeling.backbone import ResNetFPN
+    from medrpn.modeling.detector import LesionDetector
+    from medrpn.module import LesionDetectionModule, RPNTrainingConfig
+    from medrpn.training.matching import IoUMatcher
+
+    det = LesionDetector(
+        backbone=ResNetFPN(spatial_dims=3, variant="tiny", return_stages=(1,), fpn_channels=8),
+        anchor_generator=AnchorGenerator(spatial_dims=3, shapes=[[[6.0] * 3]], spacing_mm=[2.0] * 3),
+        num_classes=1,
+    )
+    rpn_training = RPNTrainingConfig(positive_iou=0.2, negative_iou=0.05, min_positives_per_box=6)
+    module = LesionDetectionModule(detector=det, class_names=["lesion"], rpn_training=rpn_training)
+    matcher = module.rpn_loss.matcher
+    assert isinstance(matcher, IoUMatcher)
+    assert (matcher.min_positives_per_box, matcher.positive_threshold) == (6, 0.2)
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_input_channels_of_data_and_backbone_must_agree(spatial_dims: int, tmp_path: Path) -> None:
     from medrpn.data.datamodule import LesionDataModule

@@ -10,8 +10,9 @@ num_anchors_per_location) -> MatchResult``:
 - :class:`IoUMatcher` — Faster R-CNN's rule: IoU >= ``positive_threshold`` positive, IoU <
   ``negative_threshold`` negative, in between ignored, and (``allow_low_quality_matches``) every
   ground-truth box also gets its best anchor(s), so a lesion whose shape no anchor fits still
-  produces a positive. The IoU matrix is computed in chunks of anchors, so memory stays bounded
-  for the hundreds of thousands of anchors of a 3D volume.
+  produces a positive; ``min_positives_per_box`` extends that to each box's ``k`` best anchors. The IoU
+  matrix is computed in chunks of anchors, so memory stays bounded for the hundreds of thousands of anchors
+  of a 3D volume.
 - :class:`ATSSMatcher` — MONAI's adaptive training sample selection (per-box threshold from the
   mean + std of the IoUs of the closest anchors). It builds the dense M x N IoU matrix, which is
   fine for the few lesions per scan.
@@ -60,6 +61,11 @@ class IoUMatcher:
         positive_threshold: IoU at or above which an anchor is positive (Faster R-CNN 2D: 0.7).
         negative_threshold: IoU below which an anchor is negative (Faster R-CNN 2D: 0.3).
         allow_low_quality_matches: also make every box's highest-IoU anchor(s) positive (ties included).
+        min_positives_per_box: also make every box's ``k`` highest-IoU anchors (IoU > 0) positive, unless such
+            an anchor is already positive for another box. Thresholds alone give small lesions few positives:
+            on the 3D demo's planned anchors (3 mm cells, IoU 0.2) a 3 mm lesion gets 1 positive anchor (the
+            low-quality match), a 4 mm one about 4 and a 10 mm one about 28, so the objectness loss hardly
+            sees the smallest lesions. 0 (default) keeps Faster R-CNN's rule.
         chunk_size: anchors per IoU chunk (memory is ``M * chunk_size`` floats).
     """
 
@@ -69,6 +75,7 @@ class IoUMatcher:
         positive_threshold: float = 0.7,
         negative_threshold: float = 0.3,
         allow_low_quality_matches: bool = True,
+        min_positives_per_box: int = 0,
         chunk_size: int = 262_144,
     ) -> None:
         if not 0.0 <= negative_threshold <= positive_threshold <= 1.0:
@@ -78,6 +85,9 @@ class IoUMatcher:
             )
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if min_positives_per_box < 0:
+            raise ValueError(f"min_positives_per_box must be >= 0, got {min_positives_per_box}")
+        self.min_positives_per_box = min_positives_per_box
         self.positive_threshold = positive_threshold
         self.negative_threshold = negative_threshold
         self.allow_low_quality_matches = allow_low_quality_matches
@@ -109,11 +119,18 @@ class IoUMatcher:
         max_iou = torch.empty(n, device=device)
         matched = torch.empty(n, dtype=torch.long, device=device)
         gt_best = torch.zeros(gt_boxes.shape[0], device=device)
+        k = min(self.min_positives_per_box, n)
+        top_iou = torch.empty(gt_boxes.shape[0], 0, device=device)  # running top-k per box
+        top_idx = torch.empty(gt_boxes.shape[0], 0, dtype=torch.long, device=device)
         chunks = [(s, min(s + self.chunk_size, n)) for s in range(0, n, self.chunk_size)]
         for s, e in chunks:
             iou = pairwise_iou(gt_boxes, anchors[s:e])  # (M, n_chunk)
             max_iou[s:e], matched[s:e] = iou.max(dim=0)
             gt_best = torch.maximum(gt_best, iou.max(dim=1).values)
+            if k:
+                v, i = iou.topk(min(k, e - s), dim=1)
+                top_iou, pick = torch.cat([top_iou, v], dim=1).topk(min(k, top_iou.shape[1] + v.shape[1]), dim=1)
+                top_idx = torch.cat([top_idx, i + s], dim=1).gather(1, pick)
 
         labels = torch.full((n,), MatchResult.IGNORE, dtype=torch.long, device=device)
         labels[max_iou < self.negative_threshold] = MatchResult.NEGATIVE
@@ -130,6 +147,21 @@ class IoUMatcher:
                     idx = torch.nonzero(hit).squeeze(1)
                     matched[s + idx] = masked[:, idx].argmax(dim=0)
                     labels[s + idx] = MatchResult.POSITIVE
+        if k:
+            # each box's k best anchors, best first per box; an anchor already positive (for any box) keeps its match
+            gt_of = torch.arange(gt_boxes.shape[0], device=device)[:, None].expand_as(top_idx)
+            ok = top_iou > 0
+            idx, gt_of, val = top_idx[ok], gt_of[ok], top_iou[ok]
+            # where two boxes claim one anchor, the higher IoU wins: best claims first, then each anchor's first claim
+            order = torch.argsort(val, descending=True, stable=True)
+            idx, gt_of = idx[order], gt_of[order]
+            by_anchor = torch.argsort(idx, stable=True)
+            first = torch.ones_like(by_anchor, dtype=torch.bool)
+            first[1:] = idx[by_anchor][1:] != idx[by_anchor][:-1]
+            idx, gt_of = idx[by_anchor[first]], gt_of[by_anchor[first]]
+            free = labels[idx] != MatchResult.POSITIVE
+            matched[idx[free]] = gt_of[free]
+            labels[idx[free]] = MatchResult.POSITIVE
         matched = torch.where(labels == MatchResult.POSITIVE, matched, torch.zeros_like(matched))
         return MatchResult(labels=labels, matched_gt=matched, max_iou=max_iou)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from medrpn.ops.box_iou import pairwise_iou
 from medrpn.training.matching import ATSSMatcher, IoUMatcher
 
 
@@ -71,6 +74,64 @@ def test_chunking_does_not_change_the_result() -> None:
 def test_invalid_thresholds() -> None:
     with pytest.raises(ValueError, match="negative_threshold"):
         IoUMatcher(positive_threshold=0.3, negative_threshold=0.5)
+    with pytest.raises(ValueError, match="min_positives_per_box"):
+        IoUMatcher(min_positives_per_box=-1)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_min_positives_gives_a_small_box_its_k_best_anchors(spatial_dims: int) -> None:
+    d = spatial_dims
+    # a 2-unit lesion on a grid of 4-unit anchors: the thresholds make none positive, the low-quality rule one
+    gt = torch.tensor([_cube(1, 2, d)])
+    anchors = torch.tensor([_cube(0, 4, d), _cube(1.5, 4, d), _cube(-2, 4, d), _cube(2.5, 4, d), _cube(30, 4, d)])
+    one = IoUMatcher(positive_threshold=0.5, negative_threshold=0.05)(gt, anchors)
+    assert one.labels.tolist().count(1) == 1
+    three = IoUMatcher(positive_threshold=0.5, negative_threshold=0.05, min_positives_per_box=3)(gt, anchors)
+    best3 = torch.argsort(three.max_iou, descending=True)[:3]
+    assert sorted(torch.nonzero(three.labels == 1).squeeze(1).tolist()) == sorted(best3.tolist())
+    assert three.labels[4] == 0  # no overlap: never made positive, however large k
+    many = IoUMatcher(positive_threshold=0.5, negative_threshold=0.05, min_positives_per_box=50)(gt, anchors)
+    assert many.labels.tolist() == [1, 1, 1, 1, 0]
+
+
+def test_min_positives_keeps_existing_matches() -> None:
+    # box 0 owns anchor 0 by threshold; box 1's top 2 are anchor 1 (its own) and anchor 0, which stays box 0's
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [8.0, 8.0, 11.0, 11.0]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [9.0, 9.0, 13.0, 13.0], [50.0, 50.0, 54.0, 54.0]])
+    m = IoUMatcher(positive_threshold=0.7, negative_threshold=0.3, min_positives_per_box=2)(gt, anchors)
+    assert m.labels.tolist() == [1, 1, 0]
+    assert m.matched_gt.tolist()[:2] == [0, 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 6), chunk=st.integers(3, 50))
+def test_min_positives_matches_a_brute_force_reference(seed: int, k: int, chunk: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.rand(60, 3, generator=g) * 30
+    anchors = torch.cat([lo, lo + 1 + torch.rand(60, 3, generator=g) * 6], 1)
+    lo_gt = torch.rand(3, 3, generator=g) * 30
+    gt = torch.cat([lo_gt, lo_gt + 0.5 + torch.rand(3, 3, generator=g) * 4], 1)
+    m = IoUMatcher(positive_threshold=0.4, negative_threshold=0.1, min_positives_per_box=k, chunk_size=chunk)(
+        gt, anchors
+    )
+    base = IoUMatcher(positive_threshold=0.4, negative_threshold=0.1)(gt, anchors)
+    iou = pairwise_iou(gt, anchors)
+    # everything positive before stays positive with the same box
+    was = base.labels == 1
+    assert bool((m.labels[was] == 1).all())
+    assert torch.equal(m.matched_gt[was], base.matched_gt[was])
+    # every box's k best overlapping anchors are positive (for it or for a box with a higher IoU there)
+    for j in range(gt.shape[0]):
+        for a in torch.argsort(iou[j], descending=True, stable=True)[:k].tolist():
+            if iou[j, a] > 0:
+                assert m.labels[a] == 1
+                assert iou[m.matched_gt[a], a] >= iou[j, a] or was[a]
+    # and nothing else became positive
+    extra = (m.labels == 1) & ~was
+    topk = torch.zeros_like(extra)
+    for j in range(gt.shape[0]):
+        topk[torch.argsort(iou[j], descending=True, stable=True)[:k]] = True
+    assert bool((~extra | topk).all())
 
 
 def test_atss_matches_the_closest_well_overlapping_anchors() -> None:
