@@ -62,8 +62,8 @@ class RPNTrainingConfig:
         positive_iou: IoU >= this is positive.
         negative_iou: IoU < this is negative (between: ignored).
         min_positives_per_box: ``"iou"`` matcher: each box's ``k`` best anchors are positive too (0: only its
-            best, Faster R-CNN's low-quality match). Gives small lesions as many positives as large ones get
-            from the thresholds (see :class:`~medrpn.training.matching.IoUMatcher`).
+            best, Faster R-CNN's low-quality match). Gives small lesions at least ``k`` positives, where the
+            thresholds give a 3 mm lesion one (see :class:`~medrpn.training.matching.IoUMatcher`).
         atss_candidates: ATSS candidates per level and anchor shape.
         anchors_per_image: anchors sampled per image.
         positive_fraction: maximum fraction of positives among them.

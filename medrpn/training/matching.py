@@ -148,7 +148,7 @@ class IoUMatcher:
                     matched[s + idx] = masked[:, idx].argmax(dim=0)
                     labels[s + idx] = MatchResult.POSITIVE
         if k:
-            # each box's k best anchors, best first per box; an anchor already positive (for any box) keeps its match
+            # each box's k best overlapping anchors; an anchor already positive (for any box) keeps its match
             gt_of = torch.arange(gt_boxes.shape[0], device=device)[:, None].expand_as(top_idx)
             ok = top_iou > 0
             idx, gt_of, val = top_idx[ok], gt_of[ok], top_iou[ok]
