@@ -136,6 +136,36 @@ def test_time_budget_stops_early_and_validates_the_final_weights() -> None:
     assert all(b <= a + 1e-12 for a, b in zip(model.lrs, model.lrs[1:]))
 
 
+class _SlowSetup(_Recorder):
+    """Spends ``setup_seconds`` in ``setup`` (where a data module loads and caches its scans)."""
+
+    def __init__(self, setup_seconds: float, step_seconds: float) -> None:
+        super().__init__(step_seconds=step_seconds)
+        self.setup_seconds = setup_seconds
+
+    def setup(self, stage: str) -> None:
+        time.sleep(self.setup_seconds)
+
+
+@pytest.mark.parametrize("count_setup", [False, True])
+def test_count_setup_puts_the_set_up_time_in_the_budget(count_setup: bool) -> None:
+    model = _SlowSetup(setup_seconds=1.0, step_seconds=0.05)
+    budget = TrainingBudget(warmup_fraction=0.0, validation_reserve=0.1, count_setup=count_setup)
+    trainer = _trainer(budget, max_epochs=1000, max_time={"seconds": 2}, check_val_every_n_epoch=500)
+    start = time.monotonic()
+    trainer.fit(model)
+    took = time.monotonic() - start
+    assert budget.stopped_for_time
+    assert model.val_steps == [trainer.global_step]
+    if count_setup:  # 1 s of set-up + ~0.8 s of training + the final validation: the whole fit within 2 s
+        assert 5 <= trainer.global_step <= 20
+        assert took < 2.5
+    else:  # Lightning's max_time: ~1.8 s of training after the 1 s set-up
+        assert trainer.global_step >= 25
+        assert took >= 2.5
+    assert model.lrs[-1] < 0.1 * 0.5  # annealed within the shorter budget too
+
+
 def test_a_second_scheduler_is_refused() -> None:
     with pytest.raises(ValueError, match="lr_scheduler"):
         _trainer(TrainingBudget(), max_steps=2).fit(_Recorder(scheduler=True))
