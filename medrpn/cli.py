@@ -117,10 +117,12 @@ def lightning_main(args: Sequence[str]) -> int:
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.module import LesionDetectionModule
 
+    args = list(args)
     MedrpnCLI(
         LesionDetectionModule,
         LesionDataModule,
-        args=list(args),
+        # from the command line Lightning reads sys.argv itself (given both, it warns on every run)
+        args=None if args == sys.argv[1:] else args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "medrpn", "default_env": False},
     )
