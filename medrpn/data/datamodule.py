@@ -253,9 +253,22 @@ class LesionDataModule(pl.LightningDataModule):
             items.append(item)
         return items
 
-    def _cached(self, items: list[dict[str, Any]], transform: Compose, name: str) -> Dataset:
+    def _cached(self, items: list[dict[str, Any]], transform: Compose, name: str, copy_cache: bool = True) -> Dataset:
+        """A dataset that runs ``transform``'s deterministic head once per scan.
+
+        ``copy_cache=False`` skips ``CacheDataset``'s deep copy of the whole cached scan before every random
+        pass. Only for the training split, whose first random transform (:class:`RandCropBoxesd`,
+        :class:`RandSliceSampled`) reads the cached scan without changing it and hands on private copies of the
+        patch: the copy of a 3-channel scan was ~0.1 s of every training sample, 40% of a step's data time.
+        """
         if self.cache == "memory":
-            return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=max(self.num_workers, 1))
+            return CacheDataset(
+                items,
+                transform=transform,
+                cache_rate=1.0,
+                num_workers=max(self.num_workers, 1),
+                copy_cache=copy_cache,
+            )
         if self.cache == "disk":
             folder = Path(self.cache_dir or Path(self.datalist).parent / ".medrpn_cache") / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -277,7 +290,7 @@ class LesionDataModule(pl.LightningDataModule):
                 zoom_prob=0.2 if self.augment else 0.0,
             )
             transform = Compose([*pre.transforms, *aug.transforms])
-            self._datasets["train"] = self._cached(self._items(self.keys["fit"]), transform, "train")
+            self._datasets["train"] = self._cached(self._items(self.keys["fit"]), transform, "train", copy_cache=False)
         if stage in ("fit", "validate", None) and "val" not in self._datasets:
             items = self._items(self.keys["validate"])
             if self.limit_val_scans is not None:

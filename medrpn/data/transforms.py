@@ -315,7 +315,8 @@ class RandCropBoxesd(RandomizableTransform, MapTransform):
         """Crop ``num_samples`` patches (a single dict when ``num_samples == 1``)."""
         d = dict(data)
         out = self.without_boxes(d) if len(d["box"]) == 0 else self.with_boxes(d)
-        patches = [dict(o) for o in out]
+        # private copies: the crops are views of the input, which may be a cached scan (copy_cache=False)
+        patches = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in o.items()} for o in out]
         return patches[0] if len(patches) == 1 else patches
 
 

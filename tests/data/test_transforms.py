@@ -124,6 +124,20 @@ def test_crop_patches_contain_the_box_where_the_cube_is() -> None:
         np.testing.assert_allclose(p["box"].numpy()[0], _cube_box(p["image"]))
 
 
+@pytest.mark.parametrize("with_lesion", [True, False])
+def test_crops_are_private_copies_of_the_scan(with_lesion: bool) -> None:
+    # the training cache hands its scans to the crop without copying them (copy_cache=False)
+    img, world = _volume(shape=(40, 40, 20), cube=((20, 24), (10, 13), (5, 9)))
+    d = WorldBoxToImaged("box", "label", "image")(_item(img, world))
+    if not with_lesion:
+        d = {**d, "box": torch.zeros(0, 6), "label": torch.zeros(0, dtype=torch.long)}
+    scan = d["image"].clone()
+    for p in RandCropBoxesd((16, 16, 12), num_samples=3, positive_fraction=1.0)(d):
+        assert p["image"].untyped_storage().data_ptr() != d["image"].untyped_storage().data_ptr()
+        p["image"].fill_(-7.0)
+    assert torch.equal(d["image"], scan)
+
+
 def test_scans_without_lesions_give_random_patches() -> None:
     img, _ = _volume(shape=(30, 30, 20))
     d = {"image": img, "box": torch.zeros(0, 6), "label": torch.zeros(0, dtype=torch.long)}
