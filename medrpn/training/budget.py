@@ -155,6 +155,7 @@ class TrainingBudget(Callback):
                 "lr_scheduler (e.g. model.lr_scheduler: null) or the TrainingBudget callback"
             )
         self._base_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        # Trainer.callbacks is set by a connector, so the stubs do not declare it
         timers = [c for c in trainer.callbacks if isinstance(c, Timer)]  # type: ignore[attr-defined]
         self._timer = timers[0] if timers else None
         if self._timer is not None:
@@ -207,7 +208,7 @@ class TrainingBudget(Callback):
         self.stopped_for_time = True
         if trainer.enable_validation:
             # Lightning validates on a stop request only in a validation epoch: make every epoch one
-            trainer.check_val_every_n_epoch = None  # type: ignore[assignment]
+            trainer.check_val_every_n_epoch = None
         rank_zero_info(
             f"TrainingBudget: stopping at step {trainer.global_step} (epoch {trainer.current_epoch}) after "
             f"{t[0] / 60:.1f} of {t[1] / 60:.1f} min, to validate the final weights within the budget"
