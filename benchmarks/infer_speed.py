@@ -7,7 +7,9 @@ unless ``--checkpoint`` gives a trained one). Each run happens in a **fresh subp
 timings (load, preprocess, detect, postprocess = world conversion + heatmap resampling, write = PNGs, NIfTI,
 markups, proposals.json; "tables" = candidates.csv/failures.csv/index.html), its total wall time and its peak
 resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``). The median over ``--repeats`` runs is printed
-as a Markdown table together with the targets (< 60 s, < 6 GB). When a target is missed, the stage table and the
+as a Markdown table together with the targets (< 60 s, < 6 GB), for every inference precision of
+``--precisions`` (default ``32 auto``: float32, the reference, and bfloat16 autocast where the CPU has it natively;
+runs interleaved, ratios against the first in the same run). When a target is missed, the stage table and the
 functions that took the most time (cProfile of the first run) are printed: the profile is reported, not hidden.
 
 Usage::
@@ -169,7 +171,9 @@ def write_demo_checkpoint(path: Path, config: Path | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- worker
-def worker(checkpoint: Path, input_dir: Path, output: Path, result_json: Path, profile: bool) -> None:
+def worker(
+    checkpoint: Path, input_dir: Path, output: Path, result_json: Path, profile: bool, precision: str = "auto"
+) -> None:
     """One measured run (in its own process): load the model, ``run_batch``, report timings and peak RSS."""
     from medrpn.inference.batch import run_batch
     from medrpn.inference.checkpoint import load_inference_model
@@ -179,7 +183,7 @@ def worker(checkpoint: Path, input_dir: Path, output: Path, result_json: Path, p
     t0 = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    report = run_batch(model, [input_dir], output, progress=False)
+    report = run_batch(model, [input_dir], output, precision=precision, progress=False)  # type: ignore[arg-type]
     if profiler is not None:
         profiler.disable()
     total = time.perf_counter() - t0
@@ -201,6 +205,9 @@ def worker(checkpoint: Path, input_dir: Path, output: Path, result_json: Path, p
                 "peak_rss_gb": rss_kb / 1024**2,
                 "findings": report.processed[0].num_findings,
                 "threads": int(__import__("torch").get_num_threads()),
+                "precision": json.loads((Path(report.processed[0].folder) / "proposals.json").read_text())
+                .get("inference", {})
+                .get("precision", "?"),
                 "profile": top,
             }
         )
@@ -208,9 +215,11 @@ def worker(checkpoint: Path, input_dir: Path, output: Path, result_json: Path, p
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def _run_once(checkpoint: Path, input_dir: Path, work: Path, index: int, profile: bool) -> dict[str, Any]:
-    out = work / f"out_{index}"
-    result = work / f"result_{index}.json"
+def _run_once(
+    checkpoint: Path, input_dir: Path, work: Path, index: int, profile: bool, precision: str = "auto"
+) -> dict[str, Any]:
+    out = work / f"out_{precision}_{index}"
+    result = work / f"result_{precision}_{index}.json"
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -223,6 +232,8 @@ def _run_once(checkpoint: Path, input_dir: Path, work: Path, index: int, profile
         str(out),
         "--result",
         str(result),
+        "--precision",
+        precision,
     ]
     if profile:
         cmd.append("--profile")
@@ -264,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs (median reported)")
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 300), metavar=("X", "Y", "Z"))
     parser.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 1.0), metavar=("SX", "SY", "SZ"))
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["32", "auto"],
+        choices=("auto", "32", "bf16"),
+        help="inference precisions to compare, runs interleaved (default: 32 auto; the first is the reference)",
+    )
     parser.add_argument("--no-profile", action="store_true", help="do not profile the first run")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -271,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.checkpoint, args.input_dir, args.output, args.result, args.profile)
+        worker(args.checkpoint, args.input_dir, args.output, args.result, args.profile, args.precision)
         return 0
 
     shape = tuple(int(v) for v in args.shape)
@@ -292,18 +311,31 @@ def main(argv: list[str] | None = None) -> int:
         else:
             checkpoint = work / "demo_random.ckpt"
             model = write_demo_checkpoint(checkpoint, args.config)
-        runs = []
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.precisions}
         for i in range(max(args.repeats, 1)):
-            runs.append(_run_once(checkpoint, input_dir, work, i, profile=(i == 0 and not args.no_profile)))
-            print(f"run {i + 1}: {runs[-1]['total']:.1f} s, {runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
-        print(_table(runs, shape, spacing, model))
-        total = statistics.median(r["total"] for r in runs)
-        rss = statistics.median(r["peak_rss_gb"] for r in runs)
-        if (total >= TARGET_SECONDS or rss >= TARGET_RSS_GB) and runs[0]["profile"]:
-            print("\nTarget missed: where the time goes (cProfile of run 1, by own time):\n")
-            print("```")
-            print(runs[0]["profile"].strip())
-            print("```")
+            for p in args.precisions:  # interleaved, so that a slow spell of the machine hits every variant
+                first = i == 0 and p == args.precisions[0] and not args.no_profile
+                runs[p].append(_run_once(checkpoint, input_dir, work, i, profile=first, precision=p))
+                r = runs[p][-1]
+                print(f"run {i + 1}, precision {p}: {r['total']:.1f} s, {r['peak_rss_gb']:.2f} GB", file=sys.stderr)
+        ref = args.precisions[0]
+        ref_detect = statistics.median(r["stages"]["detect"] for r in runs[ref])
+        ref_total = statistics.median(r["total"] for r in runs[ref])
+        for p, prs in runs.items():
+            print(f"\n### precision {p} (network in {prs[0]['precision']})\n")
+            print(_table(prs, shape, spacing, model))
+            detect = statistics.median(r["stages"]["detect"] for r in prs)
+            total = statistics.median(r["total"] for r in prs)
+            print(
+                f"against precision {ref} in the same run: detect {detect:.1f} s vs {ref_detect:.1f} s "
+                f"({ref_detect / detect:.2f}x), total {total:.1f} s vs {ref_total:.1f} s ({ref_total / total:.2f}x)"
+            )
+            rss = statistics.median(r["peak_rss_gb"] for r in prs)
+            if (total >= TARGET_SECONDS or rss >= TARGET_RSS_GB) and prs[0]["profile"]:
+                print("\nTarget missed: where the time goes (cProfile of run 1, by own time):\n")
+                print("```")
+                print(prs[0]["profile"].strip())
+                print("```")
     return 0
 
 

@@ -48,16 +48,18 @@ def _ensure_data(root: Path, heldout_cases: int = 10) -> tuple[Path, Path]:
 
 
 def evaluate_checkpoint(
-    ckpt: Path, datalist: Path, split: str = "validation", tta_axes: tuple[int, ...] = ()
+    ckpt: Path, datalist: Path, split: str = "validation", tta_axes: tuple[int, ...] = (), precision: str = "auto"
 ) -> tuple[ScanMetrics, float, int]:
     """Whole-scan inference with a checkpoint's own settings and the epoch metrics of the module.
 
     ``tta_axes`` (e.g. ``(0, 1)``) turns on flip test-time augmentation along those axes, fused as the
-    checkpoint's ``inference.flip_merge`` says (default ``"mean"``).
+    checkpoint's ``inference.flip_merge`` says (default ``"mean"``). ``precision`` is the network precision of
+    ``medrpn infer --precision`` (``"auto"``: bfloat16 autocast where the CPU has it natively).
     """
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.geometry import image_to_world_boxes
     from medrpn.inference.checkpoint import load_inference_model
+    from medrpn.inference.precision import inference_autocast
     from medrpn.inference.whole_scan import detect_scan
     from medrpn.module import evaluate_scans
 
@@ -69,7 +71,8 @@ def evaluate_checkpoint(
     outputs = []
     start = time.perf_counter()
     for batch in dm.val_dataloader():
-        res = detect_scan(model.detector, batch["image"], model.whole_scan, context=model.slice_context)
+        with torch.no_grad(), inference_autocast(precision, "cpu"):
+            res = detect_scan(model.detector, batch["image"], model.whole_scan, context=model.slice_context)
         affine = batch["affine"]
         outputs.append(
             {
@@ -106,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="flip test-time augmentation at evaluation along these axes, e.g. 01 (in-plane) or 012; "
         "reports get a _tta01 / _tta012 suffix",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "32", "bf16"),
+        help="network precision at evaluation, as `medrpn infer --precision` (default auto: bfloat16 where native)",
     )
     p.add_argument("extra", nargs="*", help="extra `medrpn fit` overrides, e.g. --trainer.max_epochs=80")
     args = p.parse_args(argv)
@@ -147,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = ckpt_dir / "best.ckpt"
     if not ckpt.is_file():
         ckpt = ckpt_dir / "last.ckpt"
-    metrics, infer_seconds, n_scans = evaluate_checkpoint(ckpt, held_list, tta_axes=tta_axes)
+    metrics, infer_seconds, n_scans = evaluate_checkpoint(ckpt, held_list, tta_axes=tta_axes, precision=args.precision)
     from medrpn.evaluation.plots import plot_froc
+    from medrpn.inference.precision import resolve_inference_dtype
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
     lines = [
@@ -162,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         f"- held-out scans: {n_scans} ({held_list.parent.name}); "
         f"whole-scan inference {infer_seconds / max(n_scans, 1):.1f} s/scan"
-        + (f" with flip test-time augmentation along axes {args.tta}" if tta_axes else ""),
+        + (f" with flip test-time augmentation along axes {args.tta}" if tta_axes else "")
+        + f", network precision {resolve_inference_dtype(args.precision, 'cpu')}",
         "",
     ]
     if metrics.froc is not None:

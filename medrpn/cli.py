@@ -16,6 +16,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from medrpn.inference.precision import cpu_has_native_bf16
 from medrpn.inference.writer import ScanPredictionWriter
 from medrpn.training.checkpointing import BestAndLastCheckpoint
 
@@ -34,12 +35,6 @@ commands:
 
 `medrpn <command> --help` shows the options of a command.
 """
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); ``False`` when torch cannot tell."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def resolve_precision(precision: str | int | None, accelerator: str | None) -> tuple[str | int | None, str | None]:

@@ -136,11 +136,16 @@ def test_fit_smoke_losses_decrease_and_proposals_are_well_formed(tmp_path: Path,
         f"--ckpt_path={ckpt}",
         f"--data.predict_inputs=[{scans}]",
         f"--prediction_writer.output_dir={out_predict}",
-        "--trainer.precision=32-true",  # `medrpn infer` runs in float32; the demo config trains in bf16-mixed
+        "--trainer.precision=32-true",  # as `medrpn infer --precision 32` below; the demo config trains in bf16-mixed
     ]
     assert main(["predict", *predict_args]) == 0
     assert (
-        main(["infer", "--checkpoint", str(ckpt), "--input", str(scans), "--output", str(out_infer), "--no-progress"])
+        main(
+            [
+                *("infer", "--checkpoint", str(ckpt), "--input", str(scans), "--output", str(out_infer)),
+                *("--no-progress", "--precision", "32"),
+            ]
+        )
         == 0
     )
     predicted = sorted(p.relative_to(out_predict) for p in out_predict.rglob("proposals.json"))
@@ -151,6 +156,7 @@ def test_fit_smoke_losses_decrease_and_proposals_are_well_formed(tmp_path: Path,
         b = json.loads((out_infer / rel).read_text())
         np.testing.assert_allclose(a["box"], b["box"], atol=1e-4)
         np.testing.assert_allclose(a["label_scores"], b["label_scores"], atol=1e-5)
+        assert a["inference"] == b["inference"] == {"precision": "float32", "tta": False}
     assert (out_predict / "candidates.csv").read_text() == (out_infer / "candidates.csv").read_text()
 
 

@@ -80,6 +80,8 @@ class ScanResult:
         sop_instance_uids: for DICOM input, their SOPInstanceUIDs in the same order.
         series_uid: for DICOM input, the SeriesInstanceUID.
         model: short description of the model/checkpoint that produced the findings.
+        extra: how the findings were computed (``precision``: ``"bf16"`` or ``"float32"``, ``tta``), written
+            to ``proposals.json`` as ``"inference"``.
     """
 
     scan_id: str
@@ -124,6 +126,7 @@ class ScanResult:
             "spatial_shape": list(self.spatial_shape),
             "affine_ras": np.asarray(self.affine_ras, dtype=float).tolist(),
             **({"series_uid": self.series_uid} if self.series_uid else {}),
+            **({"inference": dict(self.extra)} if self.extra else {}),
         }
 
 

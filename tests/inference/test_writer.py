@@ -102,7 +102,8 @@ def _predict(module: TinyPredictModule, inputs: Inputs, out: Path, *, overwrite:
 def test_writer_matches_run_batch(inputs: Inputs, ckpt_3d: Path, oracle: Oracle, tmp_path: Path) -> None:
     model = load_inference_model(ckpt_3d)
     ref = tmp_path / "batch"
-    report = run_batch(model, [inputs.root], ref, progress=False)
+    # float32 as the Lightning path here (no trainer autocast), so that proposals.json records the same precision
+    report = run_batch(model, [inputs.root], ref, precision="32", progress=False)
     out = tmp_path / "lightning"
     writer, *predictions = _predict(TinyPredictModule(model), inputs, out)
     assert sum(isinstance(p, ScanPrediction) for p in predictions) == len(inputs.cases)
