@@ -60,7 +60,13 @@ from medrpn.data.io import ScanSource, discover_scans, load_scan
 from medrpn.data.transforms import IntensityPreset, preprocessing
 from medrpn.geometry import affine_for_dims, image_to_world_boxes
 from medrpn.inference.checkpoint import CheckpointError, InferenceModel, load_inference_model
-from medrpn.inference.precision import INFERENCE_PRECISIONS, InferencePrecision, inference_autocast
+from medrpn.inference.precision import (
+    INFERENCE_PRECISIONS,
+    InferencePrecision,
+    cpu_has_native_bf16,
+    inference_autocast,
+    resolve_inference_dtype,
+)
 from medrpn.inference.resample import resample_to_grid
 from medrpn.inference.results import ScanResult, make_findings
 from medrpn.inference.whole_scan import WholeScanConfig, detect_scan
@@ -1090,6 +1096,14 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as exc:
         return _error(str(exc))
     logger.info("%s; inputs: %s; output: %s", model.describe(), ", ".join(map(str, inputs)), output)
+    dtype = resolve_inference_dtype(args.precision, args.device)
+    shown = "bfloat16 autocast" if dtype == torch.bfloat16 else "float32"
+    logger.info("network precision: %s (--precision %s)", shown, args.precision)
+    if args.precision == "bf16" and args.device == "cpu" and not cpu_has_native_bf16():
+        logger.warning(
+            "--precision bf16 on a CPU without native bfloat16 (AVX512-BF16/AMX): it is emulated and slower than "
+            "float32 here; --precision auto picks float32 on such CPUs"
+        )
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -60,6 +60,27 @@ def test_infer_parser_precision_option() -> None:
         parser.parse_args([*base, "--precision", "fp16"])
 
 
+def test_infer_logs_the_precision_and_warns_about_emulated_bf16(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, ckpt_3d: Path, tmp_path: Path
+) -> None:
+    import logging
+
+    import medrpn.inference.batch as batch
+
+    monkeypatch.setattr(batch, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision_mod, "cpu_has_native_bf16", lambda: False)
+    empty = tmp_path / "in"
+    empty.mkdir()
+    base = ["--checkpoint", str(ckpt_3d), "--input", str(empty), "--no-progress"]
+    with caplog.at_level(logging.INFO, logger="medrpn.inference.batch"):
+        batch.infer_main([*base, "--output", str(tmp_path / "a")])
+        assert "network precision: float32 (--precision auto)" in caplog.text
+        assert "emulated" not in caplog.text
+        batch.infer_main([*base, "--output", str(tmp_path / "b"), "--precision", "bf16"])
+    assert "network precision: bfloat16 autocast (--precision bf16)" in caplog.text
+    assert "emulated and slower than float32" in caplog.text
+
+
 def test_bf16_and_float32_scan_results_agree_and_are_recorded(inputs: Inputs, ckpt_3d: Path, tmp_path: Path) -> None:
     """The same scan in both precisions: the precision is written to proposals.json; the top findings agree."""
     model = load_inference_model(ckpt_3d)
