@@ -142,6 +142,8 @@ def write_demo_checkpoint(path: Path, config: Path | None) -> str:
             ct_window=tuple(data.get("ct_window", (-1000.0, 500.0))),
             orientation=data.get("orientation", "RAS"),
             slice_context=int(data.get("slice_context", 0)),
+            hessian_sigmas_mm=tuple(float(v) for v in data.get("hessian_sigmas_mm", ())),
+            hessian_gain=float(data.get("hessian_gain", 20.0)),
         )
         names = tuple(cfg["model"].get("class_names", ("solid", "ground-glass", "part-solid")))
         what = f"{config.name} (random weights)"
@@ -177,13 +179,14 @@ def worker(
     """One measured run (in its own process): load the model, ``run_batch``, report timings and peak RSS."""
     from medrpn.inference.batch import run_batch
     from medrpn.inference.checkpoint import load_inference_model
+    from medrpn.inference.precision import as_inference_precision, dtype_name, resolve_inference_dtype
 
     model = load_inference_model(checkpoint)
     profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    report = run_batch(model, [input_dir], output, precision=precision, progress=False)  # type: ignore[arg-type]
+    report = run_batch(model, [input_dir], output, precision=as_inference_precision(precision), progress=False)
     if profiler is not None:
         profiler.disable()
     total = time.perf_counter() - t0
@@ -205,9 +208,7 @@ def worker(
                 "peak_rss_gb": rss_kb / 1024**2,
                 "findings": report.processed[0].num_findings,
                 "threads": int(__import__("torch").get_num_threads()),
-                "precision": json.loads((Path(report.processed[0].folder) / "proposals.json").read_text())
-                .get("inference", {})
-                .get("precision", "?"),
+                "precision": dtype_name(resolve_inference_dtype(precision, "cpu")),
                 "profile": top,
             }
         )
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", choices=("auto", "32", "bf16"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.checkpoint, args.input_dir, args.output, args.result, args.profile, args.precision)

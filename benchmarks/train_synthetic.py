@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = ckpt_dir / "last.ckpt"
     metrics, infer_seconds, n_scans = evaluate_checkpoint(ckpt, held_list, tta_axes=tta_axes, precision=args.precision)
     from medrpn.evaluation.plots import plot_froc
-    from medrpn.inference.precision import resolve_inference_dtype
+    from medrpn.inference.precision import dtype_name, resolve_inference_dtype
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
     lines = [
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- held-out scans: {n_scans} ({held_list.parent.name}); "
         f"whole-scan inference {infer_seconds / max(n_scans, 1):.1f} s/scan"
         + (f" with flip test-time augmentation along axes {args.tta}" if tta_axes else "")
-        + f", network precision {resolve_inference_dtype(args.precision, 'cpu')}",
+        + f", network precision {dtype_name(resolve_inference_dtype(args.precision, 'cpu'))}",
         "",
     ]
     if metrics.froc is not None:

@@ -63,7 +63,9 @@ from medrpn.inference.checkpoint import CheckpointError, InferenceModel, load_in
 from medrpn.inference.precision import (
     INFERENCE_PRECISIONS,
     InferencePrecision,
+    as_inference_precision,
     cpu_has_native_bf16,
+    dtype_name,
     inference_autocast,
     resolve_inference_dtype,
 )
@@ -812,7 +814,7 @@ def predict_scan(
         sop_instance_uids=tuple(str(u) for u in meta.get("sop_instance_uids", ())) if is_dicom else (),
         series_uid=str(meta.get("series_uid", "") or "") or None,
         model=model.describe(),
-        extra={"precision": "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch."), "tta": tta},
+        extra={"precision": dtype_name(dtype), "tta": tta},
     )
     image = _plain(loaded.image)[0].numpy()
     t2 = time.perf_counter()
@@ -1114,7 +1116,7 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
                 output,
                 overwrite=args.overwrite,
                 tta=args.tta,
-                precision=args.precision,
+                precision=as_inference_precision(args.precision),
                 progress=not args.no_progress,
             )
     except OutputLocationError as exc:

@@ -22,19 +22,45 @@ import torch
 __all__ = [
     "INFERENCE_PRECISIONS",
     "InferencePrecision",
+    "as_inference_precision",
     "cpu_has_native_bf16",
+    "dtype_name",
     "inference_autocast",
     "resolve_inference_dtype",
 ]
 
 InferencePrecision = Literal["auto", "32", "bf16"]
 INFERENCE_PRECISIONS: Final[tuple[str, ...]] = get_args(InferencePrecision)
+_BY_NAME: Final[dict[str, InferencePrecision]] = {"auto": "auto", "32": "32", "bf16": "bf16"}
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); ``False`` when torch cannot tell."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def as_inference_precision(value: str) -> InferencePrecision:
+    """Check a precision setting read from a command line or a file.
+
+    Args:
+        value: ``"auto"``, ``"32"`` or ``"bf16"``.
+
+    Returns:
+        The same value, typed.
+
+    Raises:
+        ValueError: an unknown precision setting.
+    """
+    checked = _BY_NAME.get(value)
+    if checked is not None:
+        return checked
+    raise ValueError(f"inference precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {value!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bf16"`` or ``"float32"`` (the names ``proposals.json`` records)."""
+    return "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
 
 
 def resolve_inference_dtype(precision: str, device: torch.device | str) -> torch.dtype:
@@ -50,8 +76,7 @@ def resolve_inference_dtype(precision: str, device: torch.device | str) -> torch
     Raises:
         ValueError: an unknown precision setting.
     """
-    if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"inference precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    as_inference_precision(precision)
     if precision == "32":
         return torch.float32
     if precision == "bf16":

@@ -13,7 +13,14 @@ import medrpn.inference.precision as precision_mod
 from medrpn.data.io import discover_scans
 from medrpn.inference.batch import build_parser, process_scan
 from medrpn.inference.checkpoint import load_inference_model
-from medrpn.inference.precision import INFERENCE_PRECISIONS, inference_autocast, resolve_inference_dtype
+from medrpn.inference.precision import (
+    INFERENCE_PRECISIONS,
+    InferencePrecision,
+    as_inference_precision,
+    dtype_name,
+    inference_autocast,
+    resolve_inference_dtype,
+)
 from tests.inference.conftest import Inputs
 
 
@@ -34,6 +41,10 @@ def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="inference precision must be one of auto, 32, bf16, got 'fp16'"):
         resolve_inference_dtype("fp16", "cpu")
     assert INFERENCE_PRECISIONS == ("auto", "32", "bf16")
+    assert [as_inference_precision(p) for p in INFERENCE_PRECISIONS] == list(INFERENCE_PRECISIONS)
+    with pytest.raises(ValueError, match="got 'float32'"):
+        as_inference_precision("float32")
+    assert dtype_name(torch.bfloat16) == "bf16" and dtype_name(torch.float32) == "float32"
 
 
 def test_autocast_region_and_float32_inside_an_enclosing_autocast() -> None:
@@ -87,8 +98,9 @@ def test_bf16_and_float32_scan_results_agree_and_are_recorded(inputs: Inputs, ck
     nifti = next(inputs.root / rel for sid, rel in inputs.sources.items() if inputs.formats[sid] == "nifti")
     source = discover_scans([nifti]).scans[0]
     results = {}
-    for p in ("32", "bf16"):
-        res = process_scan(model, source, tmp_path / p, input_root=inputs.root, tta=False, precision=p)  # type: ignore[arg-type]
+    both: tuple[InferencePrecision, ...] = ("32", "bf16")
+    for p in both:
+        res = process_scan(model, source, tmp_path / p, input_root=inputs.root, tta=False, precision=p)
         doc = json.loads((tmp_path / p / "proposals.json").read_text())
         assert doc["inference"] == {"precision": "float32" if p == "32" else "bf16", "tta": False}
         assert doc["box_mode"] == "xyzxyz" and doc["coordinate_system"].startswith("LPS")
