@@ -151,8 +151,11 @@ def _eigvalsh_entries(e: dict[tuple[int, int], torch.Tensor], d: int) -> list[to
     b11, b22, b33 = a11 - q, a22 - q, a33 - q
     p = torch.sqrt((b11**2 + b22**2 + b33**2 + 2 * (a12**2 + a13**2 + a23**2)) / 6)
     safe = torch.where(p > 0, p, torch.ones_like(p))
-    det = b11 * (b22 * b33 - a23**2) - a12 * (a12 * b33 - a23 * a13) + a13 * (a12 * a23 - b22 * a13)
-    phi = torch.acos((det / (2 * safe**3)).clamp(-1.0, 1.0)) / 3
+    # det((A - qI) / p) / 2 from the entries divided by p first: dividing det(A - qI) by p^3 instead underflows
+    # to 0 / 0 = nan for tiny (e.g. subnormal) matrices
+    c11, c22, c33, c12, c13, c23 = (v / safe for v in (b11, b22, b33, a12, a13, a23))
+    det = c11 * (c22 * c33 - c23**2) - c12 * (c12 * c33 - c23 * c13) + c13 * (c12 * c23 - c22 * c13)
+    phi = torch.acos((det / 2).clamp(-1.0, 1.0)) / 3
     largest = q + 2 * p * torch.cos(phi)
     smallest = q + 2 * p * torch.cos(phi + 2 * math.pi / 3)
     return [smallest, 3 * q - largest - smallest, largest]

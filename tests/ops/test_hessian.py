@@ -52,6 +52,18 @@ def test_closed_form_eigenvalues_match_torch_on_hand_built_cases(dims: int) -> N
         torch.testing.assert_close(symmetric_eigvalsh(m), torch.linalg.eigvalsh(m), atol=1e-7, rtol=0)
 
 
+def test_closed_form_eigenvalues_of_tiny_matrices_are_finite() -> None:
+    # det(A - qI) / p^3 was 0 / 0 = nan once p^3 underflows (found by the property below); float32 Hessians of
+    # nearly flat regions reach such entries much sooner than float64
+    base = [[1.0, 2.0, 0.0], [2.0, 3.0, 0.5], [0.0, 0.5, 1.0]]
+    for dtype, scales in ((torch.float64, (1e-110, 1e-160, 1e-200, 1e-310)), (torch.float32, (1e-14, 1e-20, 1e-40))):
+        for scale in scales:
+            m = torch.tensor(base, dtype=dtype) * scale
+            got = symmetric_eigvalsh(m)
+            assert torch.isfinite(got).all(), (dtype, scale, got)
+            torch.testing.assert_close(got, torch.linalg.eigvalsh(m), atol=1e-6, rtol=0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     dims=st.sampled_from([2, 3]),
