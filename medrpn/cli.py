@@ -2,7 +2,8 @@
 
 ``medrpn fit|validate|test|predict`` are Lightning CLI subcommands driven by YAML configs
 (``medrpn fit --config configs/demo.yaml``); ``medrpn synth`` writes the built-in synthetic
-dataset; ``medrpn infer`` runs batch inference over scan folders; ``medrpn anchors analyze|plan``
+dataset; ``medrpn infer`` runs batch inference over scan folders; ``medrpn froc`` scores its results
+against LUNA16 annotations; ``medrpn anchors analyze|plan``
 inspects and plans anchor sets. The CLI only parses arguments and calls the same functions the
 tests and notebooks call.
 """
@@ -31,6 +32,7 @@ commands:
   test       evaluate a checkpoint on the test split
   predict    run prediction through Lightning with the prediction writer
   infer      batch inference over folders of scans, writing overlays for review
+  froc       score results (an infer output folder or candidates.csv) against LUNA16 annotations
   anchors    anchor coverage analysis and planning
 
 `medrpn <command> --help` shows the options of a command.
@@ -148,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from medrpn.inference.batch import infer_main
 
         return infer_main(rest)
+    if command == "froc":
+        from medrpn.evaluation.luna16 import froc_main
+
+        return froc_main(rest)
     if command == "anchors":
         from medrpn.anchors_planning import anchors_main
 

@@ -66,6 +66,7 @@ __all__ = [
     "ScanLesions",
     "bootstrap_cpm",
     "compute_froc",
+    "drop_excluded",
     "froc_by_diameter",
     "lesion_diameters_from_boxes",
     "match_scan",
@@ -288,6 +289,29 @@ def match_scan(
         false &= ~_hit_matrix(candidates.centres, excluded.centres, excluded.diameters).any(axis=1)
     fp_scores = scores[false]
     return np.asarray(lesion_scores, dtype=np.float64), np.asarray(fp_scores, dtype=np.float64)
+
+
+def drop_excluded(candidates: ScanCandidates, lesions: ScanLesions, excluded: ScanLesions) -> ScanCandidates:
+    """The candidates without those that hit an excluded finding and no counted lesion.
+
+    Scoring the result without exclusions gives the same FROC as scoring the original candidates with them
+    (:func:`match_scan`), so the bootstrap and the size bands, which take no exclusions, apply LUNA16's
+    ``annotations_excluded.csv`` rule too.
+
+    Args:
+        candidates: one scan's candidates (``K``).
+        lesions: the scan's counted lesions.
+        excluded: the scan's excluded findings.
+
+    Returns:
+        The kept candidates, in their order.
+    """
+    if not len(excluded) or not len(candidates):
+        return candidates
+    hits_counted = _hit_matrix(candidates.centres, lesions.centres, lesions.diameters).any(axis=1)
+    hits_excluded = _hit_matrix(candidates.centres, excluded.centres, excluded.diameters).any(axis=1)
+    keep = hits_counted | ~hits_excluded
+    return ScanCandidates(candidates.scan_id, candidates.centres[keep], candidates.scores[keep])
 
 
 def _interp_curve(rates: FloatArray, fps: FloatArray, sens: FloatArray) -> FloatArray:
