@@ -5,6 +5,12 @@ and sform with code 1 (scanner), so they overlay the original scan voxel for vox
 ITK-SNAP, FSLeyes...). ``findings_labels.nii.gz`` is a ``uint16`` label map whose value is the finding's **rank**
 (1 = highest score); lower ranks are drawn last, so rank 1 wins where boxes overlap.
 
+``objectness.nii.gz`` stores the heatmap as ``uint8`` with the NIfTI scale factor ``scl_slope`` =
+:data:`OBJECTNESS_SLOPE` (the float32 just below 1/255), so every reader that applies the NIfTI scaling (nibabel's
+``get_fdata``/``dataobj``, ITK/SimpleITK, 3D Slicer, ITK-SNAP) sees probabilities in ``[0, 1]`` to within 1/510.
+Written as float32 it was 18x larger and its zlib compression took 8.5 of the 11.7 s of a 512 x 512 x 300 scan's
+output writing; the uint8 file compresses in about a tenth of the time (README: speed of batch inference).
+
 Box -> voxels: the world box is converted to a voxel-edge image box with
 :func:`medrpn.geometry.world_to_image_boxes` (voxel ``i`` spans ``[i, i + 1)``); voxel ``i`` belongs to the box
 when its centre ``i + 0.5`` lies inside (boundary included, 1e-6 voxel tolerance), with at least one voxel per
@@ -37,7 +43,19 @@ LABELS_NIFTI: Final = "findings_labels.nii.gz"
 OBJECTNESS_NIFTI: Final = "objectness.nii.gz"
 """File name of the objectness heatmap."""
 
+OBJECTNESS_SLOPE: Final = float(np.nextafter(np.float32(1.0 / 255.0), np.float32(0.0)))
+"""``scl_slope`` of ``objectness.nii.gz``: 255 * slope stays <= 1 in float32 and float64 (1/255 rounds up)."""
+
 _EPS: Final = 1e-6
+
+
+def quantize_probabilities(heat: NDArray[np.floating] | np.ndarray) -> NDArray[np.uint8]:
+    """Probabilities -> ``uint8`` codes ``round(255 * p)`` (values clipped to [0, 1], NaN -> 0).
+
+    Decoded with :data:`OBJECTNESS_SLOPE` the result lies in ``[0, 1]`` and within ``1/510`` of ``p``.
+    """
+    p = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.rint(np.clip(p, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -189,8 +207,12 @@ def findings_label_map(result: ScanResult, *, filled: bool = False) -> NDArray[n
     return labels
 
 
-def _save_nifti(data: np.ndarray, affine4: NDArray[np.float64], description: str, path: Path) -> Path:
+def _save_nifti(
+    data: np.ndarray, affine4: NDArray[np.float64], description: str, path: Path, slope: float | None = None
+) -> Path:
     img = nib.Nifti1Image(data, affine4)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     img.set_qform(affine4, code=1)
     img.set_sform(affine4, code=1)
     img.header.set_xyzt_units("mm")
@@ -230,5 +252,11 @@ def write_nifti_overlays(result: ScanResult, out_dir: Path | str, *, filled: boo
     labels_path = _save_nifti(labels, affine4, f"medrpn findings, label = rank, {mode}", out / LABELS_NIFTI)
     heat_path = None
     if heat is not None:
-        heat_path = _save_nifti(heat, affine4, "medrpn RPN objectness [0,1]", out / OBJECTNESS_NIFTI)
+        heat_path = _save_nifti(
+            quantize_probabilities(heat),
+            affine4,
+            "medrpn RPN objectness [0,1], uint8 x scl_slope",
+            out / OBJECTNESS_NIFTI,
+            slope=OBJECTNESS_SLOPE,
+        )
     return NiftiOutputs(labels=labels_path, objectness=heat_path)

@@ -7,13 +7,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk  # noqa: N813
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medrpn.geometry import image_to_world_boxes
 from medrpn.inference.results import Finding, ScanResult
 from medrpn.overlays.nifti import (
+    OBJECTNESS_SLOPE,
     axial_axis,
     box_voxel_ranges,
     findings_label_map,
+    quantize_probabilities,
     write_nifti_overlays,
 )
 from tests.overlays.test_tables import (
@@ -89,13 +94,37 @@ def test_objectness_heatmap(tmp_path: Path) -> None:
     outputs = write_nifti_overlays(res, tmp_path)
     assert outputs.objectness == tmp_path / "objectness.nii.gz"
     img = nib.load(outputs.objectness)
-    assert img.get_data_dtype() == np.float32
+    assert img.get_data_dtype() == np.uint8  # scaled by scl_slope: readers see [0, 1]
     assert np.allclose(img.affine, AFFINE_RAS_3D)
     assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
-    np.testing.assert_array_equal(np.asarray(img.dataobj), res.objectness_map)
+    decoded = np.asarray(img.dataobj)
+    assert decoded.dtype.kind == "f" and decoded.min() >= 0.0 and decoded.max() <= 1.0
+    assert res.objectness_map is not None
+    np.testing.assert_allclose(decoded, res.objectness_map, atol=1 / 510 + 1e-6)
     res.objectness_map = np.zeros((3, 3, 3), dtype=np.float32)
     with pytest.raises(ValueError, match="shape"):
         write_nifti_overlays(res, tmp_path / "bad")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(st.floats(-0.5, 1.5, width=32), st.just(float("nan"))), min_size=1, max_size=64))
+def test_quantized_probabilities_decode_into_unit_interval(values: list[float]) -> None:
+    p = np.asarray(values, dtype=np.float32)
+    decoded32 = quantize_probabilities(p).astype(np.float32) * np.float32(OBJECTNESS_SLOPE)
+    decoded64 = quantize_probabilities(p).astype(np.float64) * OBJECTNESS_SLOPE
+    for d in (decoded32, decoded64):
+        assert d.min() >= 0.0 and d.max() <= 1.0
+    expected = np.clip(np.nan_to_num(p, nan=0.0), 0.0, 1.0)
+    np.testing.assert_allclose(decoded64, expected, atol=1 / 510 + 1e-6)
+
+
+def test_objectness_heatmap_reads_as_probabilities_in_simpleitk(tmp_path: Path) -> None:
+    res = make_result_3d()
+    write_nifti_overlays(res, tmp_path)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "objectness.nii.gz")))  # (z, y, x)
+    assert arr.dtype.kind == "f"
+    assert res.objectness_map is not None
+    np.testing.assert_allclose(arr.transpose(2, 1, 0), res.objectness_map, atol=1 / 510 + 1e-6)
 
 
 def test_2d_image(tmp_path: Path) -> None:
