@@ -97,6 +97,10 @@ class LesionDataModule(pl.LightningDataModule):
             (:class:`~medrpn.data.transforms.HessianFeaturesd`; empty: none). The two channels (dot, line) are each
             the maximum over the scales, so the network input grows by 2 channels whatever their number.
         hessian_gain: scale of those channels.
+        thick_slice_prob: 3D training: probability that a patch is turned into a simulated thick-slice acquisition
+            (:class:`~medrpn.data.transforms.RandThickSlicesd`, robustness to thicker series than the training
+            scans); 0 turns it off.
+        thick_slice_mm: its slice-thickness range ``(low, high)``, mm.
         batch_size: scans per training batch (each gives ``samples_per_scan`` samples).
         num_workers: DataLoader worker processes.
         cache: ``"memory"``, ``"disk"`` or ``"none"``.
@@ -127,6 +131,8 @@ class LesionDataModule(pl.LightningDataModule):
         slice_context: int = 0,
         hessian_sigmas_mm: Sequence[float] = (),
         hessian_gain: float = 20.0,
+        thick_slice_prob: float = 0.0,
+        thick_slice_mm: Sequence[float] = (3.0, 6.0),
         batch_size: int = 2,
         num_workers: int = 0,
         cache: CacheMode = "memory",
@@ -153,6 +159,10 @@ class LesionDataModule(pl.LightningDataModule):
                 f"hessian_sigmas_mm must be positive mm and hessian_gain > 0, got {list(hessian_sigmas_mm)} and "
                 f"{hessian_gain}"
             )
+        if not 0.0 <= float(thick_slice_prob) <= 1.0:
+            raise ValueError(f"thick_slice_prob must be in [0, 1], got {thick_slice_prob}")
+        if len(thick_slice_mm) != 2 or not 0.0 < float(thick_slice_mm[0]) <= float(thick_slice_mm[1]):
+            raise ValueError(f"thick_slice_mm must be (low, high) mm with 0 < low <= high, got {list(thick_slice_mm)}")
         if cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
         self.save_hyperparameters()
@@ -168,6 +178,8 @@ class LesionDataModule(pl.LightningDataModule):
         self.slice_context = slice_context
         self.hessian_sigmas_mm = tuple(float(s) for s in hessian_sigmas_mm)
         self.hessian_gain = float(hessian_gain)
+        self.thick_slice_prob = float(thick_slice_prob)
+        self.thick_slice_mm = (float(thick_slice_mm[0]), float(thick_slice_mm[1]))
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache: CacheMode = cache
@@ -288,6 +300,10 @@ class LesionDataModule(pl.LightningDataModule):
                 flip_prob=0.5 if self.augment else 0.0,
                 rot90_prob=0.5 if self.augment else 0.0,
                 zoom_prob=0.2 if self.augment else 0.0,
+                thick_slice_prob=self.thick_slice_prob if self.augment and self.spatial_dims == 3 else 0.0,
+                thick_slice_mm=self.thick_slice_mm,
+                hessian_sigmas_mm=self.hessian_sigmas_mm,
+                hessian_gain=self.hessian_gain,
             )
             transform = Compose([*pre.transforms, *aug.transforms])
             self._datasets["train"] = self._cached(self._items(self.keys["fit"]), transform, "train", copy_cache=False)

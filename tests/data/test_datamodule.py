@@ -31,6 +31,7 @@ def test_training_samples_leave_the_cached_scans_unchanged(datalist: Path, spati
         samples_per_scan=2,
         positive_fraction=0.5,
         hessian_sigmas_mm=[1.0],
+        thick_slice_prob=1.0 if spatial_dims == 3 else 0.0,  # every 3D patch degraded: still no write into the cache
         cache="memory",
     )
     dm.setup("fit")
@@ -51,3 +52,12 @@ def test_training_samples_leave_the_cached_scans_unchanged(datalist: Path, spati
         assert len(item["image"].applied_operations) == n_ops
         assert torch.equal(item["image"].affine, affine)
         assert torch.equal(torch.as_tensor(item["box"]), boxes)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"thick_slice_prob": 1.5}, "thick_slice_prob"), ({"thick_slice_mm": (6.0, 3.0)}, "thick_slice_mm")],
+)
+def test_thick_slice_settings_are_checked(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LesionDataModule(datalist="unused.json", patch_size=(32, 32, 16), **kwargs)

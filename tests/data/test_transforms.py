@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from monai.apps.detection.transforms.dictionary import RandFlipBoxd, RandRotateBox90d, RandZoomBoxd
 from monai.data import MetaTensor
 
@@ -17,9 +19,13 @@ from medrpn.data.transforms import (
     HessianFeaturesd,
     RandCropBoxesd,
     RandSliceSampled,
+    RandThickSlicesd,
     WorldBoxToImaged,
+    hessian_channels,
     preprocessing,
+    simulate_thick_slices,
     slice_with_context,
+    train_augmentation,
 )
 from medrpn.geometry import image_to_world_boxes
 
@@ -207,3 +213,74 @@ def test_preprocessing_appends_hessian_channels_and_slices_keep_them() -> None:
     t = RandSliceSampled(num_samples=2, positive_fraction=1.0, context=1)
     t.set_random_state(0)
     assert all(s["image"].shape == (5, 20, 18) for s in t(d))
+
+
+def test_thick_slices_hand_computed() -> None:
+    """Thickness 2, phase 0: slabs centred on z = 0, 2, 4... average [c - 1, c + 1] (half of each edge voxel)."""
+    x = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+    # slab(2) = (0.5 * 0 + 1 + 0.5 * 1) / 2 = 0.75, slab(4) = (0.5 * 1 + 0 + 0) / 2 = 0.25, the others 0
+    expected = torch.tensor([[0.0, 0.375, 0.75, 0.5, 0.25, 0.125, 0.0]])
+    torch.testing.assert_close(simulate_thick_slices(x, 2.0, 0.0), expected)
+    torch.testing.assert_close(simulate_thick_slices(x, 1.0, 0.0), x)  # one-voxel slabs on the voxels
+    with pytest.raises(ValueError, match="thickness"):
+        simulate_thick_slices(x, 0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(1.0, 6.0), st.floats(0.0, 0.999), st.integers(8, 40))
+def test_thick_slices_keep_constants_and_lose_peak_contrast(thickness: float, phase: float, z: int) -> None:
+    const = torch.full((2, 3, z), 7.0)
+    torch.testing.assert_close(simulate_thick_slices(const, thickness, phase), const)
+    spike = torch.zeros(1, z)
+    spike[0, z // 2] = 1.0
+    out = simulate_thick_slices(spike, thickness, phase)
+    assert out.shape == spike.shape and out.dtype == spike.dtype
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0 / thickness + 1e-5  # a slab holds 1/t of it
+
+
+def _patch(spacing: float = 1.5) -> tuple[MetaTensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand((1, 16, 16, 12), generator=gen)
+    img[0, 6:9, 6:9, 5:7] += 2.0  # a small bright blob
+    affine = torch.diag(torch.tensor([spacing, spacing, spacing, 1.0], dtype=torch.float64))
+    feats = hessian_channels(img[0], (1.0, 2.0), [spacing] * 3)
+    return MetaTensor(torch.cat([img, feats]), affine=affine), torch.tensor([[5.0, 5.0, 4.0, 10.0, 10.0, 8.0]])
+
+
+def test_rand_thick_slices_blurs_z_and_recomputes_the_hessian_channels() -> None:
+    img, box = _patch()
+    t = RandThickSlicesd("image", prob=1.0, thickness_mm=(4.5, 4.5), hessian_sigmas_mm=(1.0, 2.0))
+    t.set_random_state(3)
+    out = t({"image": img, "box": box.clone()})
+    new = torch.as_tensor(out["image"])
+    assert new.shape == img.shape and isinstance(out["image"], MetaTensor)
+    torch.testing.assert_close(out["box"], box)  # the lesion stays where it is
+    expected0 = simulate_thick_slices(torch.as_tensor(img)[0], 3.0, t._phase)
+    torch.testing.assert_close(new[0], expected0)
+    torch.testing.assert_close(new[1:], hessian_channels(expected0, (1.0, 2.0), [1.5] * 3))
+    assert float(new[0, 6:9, 6:9, 5:7].mean()) < float(torch.as_tensor(img)[0, 6:9, 6:9, 5:7].mean())
+    torch.testing.assert_close(
+        torch.as_tensor(img)[1:], hessian_channels(torch.as_tensor(img)[0], (1.0, 2.0), [1.5] * 3)
+    )
+
+
+def test_rand_thick_slices_leaves_thin_or_undrawn_patches_alone() -> None:
+    img, _ = _patch(spacing=5.0)
+    thin = RandThickSlicesd("image", prob=1.0, thickness_mm=(3.0, 4.0), hessian_sigmas_mm=(1.0, 2.0))
+    torch.testing.assert_close(torch.as_tensor(thin({"image": img})["image"]), torch.as_tensor(img))
+    off = RandThickSlicesd("image", prob=0.0)
+    torch.testing.assert_close(torch.as_tensor(off({"image": img})["image"]), torch.as_tensor(img))
+    with pytest.raises(ValueError, match="thickness_mm"):
+        RandThickSlicesd("image", prob=0.5, thickness_mm=(4.0, 3.0))
+    with pytest.raises(ValueError, match="prob"):
+        RandThickSlicesd("image", prob=1.5)
+
+
+def test_train_augmentation_places_thick_slices_after_the_crop() -> None:
+    names = [type(t).__name__ for t in train_augmentation(spatial_dims=3, patch_size=(8, 8, 8)).transforms]
+    assert "RandThickSlicesd" not in names
+    names = [
+        type(t).__name__
+        for t in train_augmentation(spatial_dims=3, patch_size=(8, 8, 8), thick_slice_prob=0.3).transforms
+    ]
+    assert names.index("RandThickSlicesd") == names.index("RandCropBoxesd") + 1
