@@ -47,6 +47,7 @@ Output layout of :func:`generate_dataset` (all paths in JSON are relative to the
     OUT/labels/case_000_label.nii.gz   uint8 label mask (class id + 1), same grid
     OUT/dicom/case_000/IM_0000.dcm ... CT Image Storage series, one file per slice
     OUT/annotations.csv                LUNA16: seriesuid,coordX,coordY,coordZ,diameter_mm (LPS mm)
+    OUT/seriesuids.csv                 LUNA16: every case's seriesuid, one per line (cases without lesions too)
     OUT/datalist.json                  MONAI detection datalist, boxes cccwhd in LPS mm
     OUT/lesions.json                   full ground truth per case and lesion
 """
@@ -98,6 +99,7 @@ RESCALE_INTERCEPT = -1024
 MIN_DIAMETER_MM, MAX_DIAMETER_MM = 3.0, 30.0
 GENERATOR_VERSION = "1"  # bump when the phantom changes (the output of a given seed changes)
 DATALIST_NAME, ANNOTATIONS_NAME, LESIONS_NAME = "datalist.json", "annotations.csv", "lesions.json"
+SERIESUIDS_NAME = "seriesuids.csv"
 
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "medrpn/synthetic-chest-ct")
 _EMPTY_PERIOD = 7  # one case in 7 (~14%) has no lesion
@@ -1212,6 +1214,8 @@ def generate_dataset(
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
         writer.writerows(rows)
+    uids = "".join(f"{c['seriesuid']}\n" for c in lesion_cases)
+    (out / SERIESUIDS_NAME).write_text(uids, encoding="utf-8")
     return SyntheticSummary(
         out_dir=out,
         datalist=datalist_path,

@@ -20,8 +20,9 @@ Inputs, all LUNA16 formats with **LPS world millimetres** (the coordinates ``can
   union of the ids in the candidates and the annotations — a scan without lesions and without candidates is then
   invisible, so pass the list for an exact false-positive rate.
 
-Annotations of scans outside the scored set are ignored with a warning; candidates of scans outside it are an
-error (a wrong list or an id mismatch, which would otherwise score silently as zero). The scoring is
+Annotations and results of scans outside the scored set are ignored with a warning (e.g. the NIfTI scans of an
+output folder that also holds the DICOM series the annotations name); results that match *none* of the scored
+scans are an error (an id mismatch, which would otherwise score silently as zero). The scoring is
 :mod:`medrpn.evaluation.froc`: the LUNA16 hit rule, sensitivity at 1/8-8 false positives per scan, the CPM,
 a scan-bootstrap interval and the CPM per lesion-diameter band.
 
@@ -245,6 +246,7 @@ class LUNA16Report:
         scan_ids: the scans scored.
         scans_without_results: scans of the list that had no results (counted as no candidates).
         ignored_annotation_scans: scans with annotations that were not scored.
+        ignored_result_scans: scans with results that were not scored.
     """
 
     froc: FROCResult
@@ -253,6 +255,7 @@ class LUNA16Report:
     scan_ids: tuple[str, ...]
     scans_without_results: tuple[str, ...] = ()
     ignored_annotation_scans: tuple[str, ...] = ()
+    ignored_result_scans: tuple[str, ...] = ()
 
     def markdown(self, title: str = "FROC") -> str:
         """The report as Markdown: counts, the FROC table, the interval and the size bands."""
@@ -279,6 +282,8 @@ class LUNA16Report:
             lines += ["", f"{len(self.scans_without_results)} listed scans had no results (scored as no candidates)."]
         if self.ignored_annotation_scans:
             lines += ["", f"Annotations of {len(self.ignored_annotation_scans)} scans outside the scored set ignored."]
+        if self.ignored_result_scans:
+            lines += ["", f"Results of {len(self.ignored_result_scans)} scans outside the scored set ignored."]
         return "\n".join(lines) + "\n"
 
     def as_dict(self) -> dict[str, Any]:
@@ -311,6 +316,7 @@ class LUNA16Report:
             "scan_ids": list(self.scan_ids),
             "scans_without_results": list(self.scans_without_results),
             "ignored_annotation_scans": list(self.ignored_annotation_scans),
+            "ignored_result_scans": list(self.ignored_result_scans),
         }
 
 
@@ -332,7 +338,8 @@ def evaluate_results(
     """Score candidates against annotations over a set of scans (LUNA16 rule).
 
     Args:
-        candidates: seriesuid -> candidates; scans of ``scan_ids`` missing here have none.
+        candidates: seriesuid -> candidates; scans of ``scan_ids`` missing here have none; entries of other scans
+            are ignored (listed in the report), unless no scored scan has an entry (an id mismatch: an error).
         annotations: seriesuid -> lesions; scans of ``scan_ids`` missing here have none; entries of other scans
             are ignored (listed in the report).
         scan_ids: the scans scored (each counts in the false positives per scan).
@@ -345,8 +352,8 @@ def evaluate_results(
         The :class:`LUNA16Report`.
 
     Raises:
-        ValueError: no scans, a repeated scan id, candidates of scans outside ``scan_ids`` (an id mismatch),
-            no lesion in the scored scans, or the errors of :func:`~medrpn.evaluation.froc.compute_froc`.
+        ValueError: no scans, a repeated scan id, candidates only for scans outside ``scan_ids`` (an id
+            mismatch), no lesion in the scored scans, or the errors of :func:`~medrpn.evaluation.froc.compute_froc`.
     """
     ids = list(scan_ids)
     if not ids:
@@ -355,12 +362,14 @@ def evaluate_results(
         raise ValueError("repeated scan ids in the scan list")
     known = set(ids)
     stray = sorted(set(candidates) - known)
-    if stray:
+    if stray and not known & set(candidates):
         raise ValueError(
-            f"candidates of {len(stray)} scans outside the scored set ({_examples(stray)}); the scored scans are "
-            f"{_examples(ids)}. Check the scan list, or that result and annotation ids are the same "
+            f"results for {len(stray)} scans ({_examples(stray)}) but none for the {len(ids)} scored scans "
+            f"({_examples(ids)}). Check the scan list, or that result and annotation ids are the same "
             "(medrpn infer names a scan by its SeriesInstanceUID, else by its file stem)"
         )
+    if stray:
+        logger.warning("ignoring the results of %d scans that are not scored (%s)", len(stray), _examples(stray))
     ignored = sorted(set(annotations) - known)
     if ignored:
         logger.warning(
@@ -389,6 +398,7 @@ def evaluate_results(
         scan_ids=tuple(ids),
         scans_without_results=missing,
         ignored_annotation_scans=tuple(ignored),
+        ignored_result_scans=tuple(stray),
     )
 
 

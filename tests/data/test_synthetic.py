@@ -30,6 +30,7 @@ from medrpn.data.synthetic import (
     main,
     synthetic_uid,
 )
+from medrpn.evaluation.luna16 import read_scan_list
 
 SMALL = (72, 72, 36)
 SEED = 3
@@ -286,6 +287,8 @@ def test_boxes_agree_across_files(ds10: Path) -> None:
             assert les["class_name"] == CLASS_NAMES[les["class_id"]]
             n_lesions += 1
     assert n_lesions == len(rows) > 0
+    # LUNA16's scan list: every case, those without lesions included, read back by medrpn froc
+    assert read_scan_list(ds10 / "seriesuids.csv") == [c["seriesuid"] for c in _cases(ds10)]
 
 
 def test_label_components_are_the_boxes(ds10: Path) -> None:

@@ -138,16 +138,23 @@ def test_listed_scans_change_the_false_positive_rate(tmp_path: Path) -> None:
 def test_id_mismatch_is_an_error_not_a_zero(tmp_path: Path) -> None:
     ann = read_annotations(_write(tmp_path / "a.csv", ANNOTATIONS))
     cands = {"case_000": ScanCandidates("case_000", np.zeros((1, 3)), np.array([0.5]))}
-    with pytest.raises(ValueError, match=r"outside the scored set.*file stem"):
+    with pytest.raises(ValueError, match=r"none for the 1 scored scans.*file stem"):
         evaluate_results(cands, ann, ["s1"])
     with pytest.raises(ValueError, match="no annotated lesion in the 1 scored scans"):
         evaluate_results(cands, ann, ["case_000"])
 
 
-def test_annotations_of_unscored_scans_are_ignored(tmp_path: Path) -> None:
+def test_annotations_and_results_of_unscored_scans_are_ignored(tmp_path: Path) -> None:
     ann = read_annotations(_write(tmp_path / "a.csv", ANNOTATIONS))
     rep = evaluate_results({}, ann, ["s2"], resamples=20)
     assert rep.froc.num_lesions == 1 and rep.ignored_annotation_scans == ("s1",)
+    # an output folder holding the same scans as DICOM (scored) and as NIfTI (file stems, not in the list)
+    cands = {
+        "s2": ScanCandidates("s2", np.array([[-20.0, 30, -100]]), np.array([0.7])),
+        "case_001": ScanCandidates("case_001", np.array([[-20.0, 30, -100]]), np.array([0.7])),
+    }
+    rep = evaluate_results(cands, ann, ["s2"], resamples=20)
+    assert rep.ignored_result_scans == ("case_001",) and rep.froc.num_candidates == 1 and rep.froc.cpm == 1.0
 
 
 def test_excluded_findings_are_neither_hits_nor_false_positives() -> None:
