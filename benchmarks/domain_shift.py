@@ -18,6 +18,8 @@ variant             what changes
 ``thick_5mm``       resampled (linear) to 5 mm slices, in-plane unchanged: small lesions lose contrast
 ``noise_+25hu``     extra white Gaussian noise, sigma 25 HU (a sharper kernel / lower dose)
 ``offset_+40hu``    every voxel +40 HU (a miscalibrated scanner); the lung window moves with it
+``large_lesions``   other scans: 20 new held-out cases (seed 1) whose lesions are drawn from 15-40 mm
+                    (``medrpn synth --lesion-mm 15 40``; the training lesions are 3.2-27 mm), NIfTI
 ==================  ===================================================================================
 
 Each variant runs through ``medrpn infer``'s own code (:func:`medrpn.inference.batch.run_batch`, the checkpoint's
@@ -129,6 +131,8 @@ VARIANTS: dict[str, tuple[str, Variant]] = {
     "offset_+40hu": (".nii.gz", lambda im, rng: add_offset(im, 40.0)),
 }
 SAME_VOXELS = ("flipped_mhd", "sagittal_nrrd")
+# variants that are other scans (their own held-out set and annotations), not transformations of the reference scans
+DATASETS: dict[str, tuple[str, tuple[float, float]]] = {"large_lesions": ("heldout_large", (15.0, 40.0))}
 
 
 def _write_variant(name: str, cases: list[dict], src_root: Path, dst: Path, seed: int) -> None:
@@ -162,7 +166,7 @@ def _centre_shift(ref: dict, other: dict) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medrpn.data.synthetic import generate_dataset
+    from medrpn.data.synthetic import DEFAULT_LESION_MM, generate_dataset
     from medrpn.evaluation.luna16 import candidates_from_results, evaluate_results, read_annotations
     from medrpn.inference.batch import run_batch
     from medrpn.inference.checkpoint import load_inference_model
@@ -171,26 +175,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "domain_shift")
     ap.add_argument("--cases", type=int, default=20, help="first N scans of data/heldout40 (default 20)")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=[*VARIANTS, *DATASETS], choices=[*VARIANTS, *DATASETS])
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation, as make demo infers")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
 
-    held = ROOT / "data" / "heldout40"
-    if not (held / "datalist.json").is_file():
-        generate_dataset(held, cases=40, seed=1, val_fraction=1.0, write_dicom=False)
-    doc = json.loads((held / "datalist.json").read_text())
-    cases = doc["validation"][: args.cases]
-    uids = [c["seriesuid"] for c in cases]
-    annotations = {u: v for u, v in read_annotations(held / "annotations.csv").items() if u in set(uids)}
+    def held_out(folder: str, lesion_mm: tuple[float, float] | None = None) -> tuple[Path, list[dict], list[str], dict]:
+        held = ROOT / "data" / folder
+        if not (held / "datalist.json").is_file():
+            n, mm = (40, DEFAULT_LESION_MM) if lesion_mm is None else (args.cases, lesion_mm)
+            generate_dataset(held, cases=n, seed=1, val_fraction=1.0, write_dicom=False, lesion_mm=mm)
+        cases = json.loads((held / "datalist.json").read_text())["validation"][: args.cases]
+        uids = [c["seriesuid"] for c in cases]
+        annotations = {u: v for u, v in read_annotations(held / "annotations.csv").items() if u in set(uids)}
+        return held, cases, uids, annotations
 
     model = load_inference_model(args.checkpoint)
     rows = []
     found: dict[str, dict] = {}
+    counts = {}
     for name in args.variants:
+        folder, lesion_mm = DATASETS.get(name, ("heldout40", None))
+        held, cases, uids, annotations = held_out(folder, lesion_mm)
+        counts[name] = (len(uids), sum(len(v) for v in annotations.values()))
         scans = args.out / "scans" / name
-        _write_variant(name, cases, held, scans, args.seed)
+        _write_variant("reference" if name in DATASETS else name, cases, held, scans, args.seed)
         results = args.out / "results" / name
         t0 = time.perf_counter()
         report = run_batch(model, [scans], results, tta=args.tta, progress=False)
@@ -201,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         bands = {b.label: (None if b.froc is None else round(b.froc.cpm, 3)) for b in ev.bands}
         row = {
             "variant": name,
+            "scans": counts[name][0],
+            "lesions": counts[name][1],
             "cpm": round(ev.froc.cpm, 3),
             "ci": [round(ev.interval.low, 3), round(ev.interval.high, 3)],
             "bands": bands,
@@ -212,21 +224,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    n_les = sum(len(v) for v in annotations.values())
     lines = [
         f"# Domain shift: {args.checkpoint}",
         "",
-        f"{len(uids)} held-out scans ({n_les} lesions), {platform.processor() or platform.machine()}, "
+        f"{args.cases} held-out scans per variant, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {'flip TTA' if args.tta else 'one view'}, precision auto.",
         "",
-        "| variant | CPM (95% CI) | < 5 mm | 5-10 mm | >= 10 mm | failures | s/scan | centre shift median / max (mm) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | scans / lesions | CPM (95% CI) | < 5 mm | 5-10 mm | >= 10 mm | failures | s/scan "
+        "| centre shift median / max (mm) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         b = list(r["bands"].values())
         shift = r.get("centre_shift_mm")
         lines.append(
-            f"| {r['variant']} | {r['cpm']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | "
+            f"| {r['variant']} | {r['scans']} / {r['lesions']} | {r['cpm']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | "
             + " | ".join("—" if v is None else f"{v:.3f}" for v in b)
             + f" | {r['failures']} | {r['s_per_scan']} | {'' if shift is None else f'{shift[0]} / {shift[1]}'} |"
         )

@@ -97,6 +97,8 @@ SHAPE_KINDS: tuple[str, ...] = ("round", "lobulated", "elongated")
 HU_MIN, HU_MAX = -1024, 3071
 RESCALE_INTERCEPT = -1024
 MIN_DIAMETER_MM, MAX_DIAMETER_MM = 3.0, 30.0
+DEFAULT_LESION_MM: tuple[float, float] = (3.2, 27.0)
+"""Range of the drawn lesion diameter (log-uniform; part-solid lesions start at 8 mm); shapes may extend beyond."""
 GENERATOR_VERSION = "1"  # bump when the phantom changes (the output of a given seed changes)
 DATALIST_NAME, ANNOTATIONS_NAME, LESIONS_NAME = "datalist.json", "annotations.csv", "lesions.json"
 SERIESUIDS_NAME = "seriesuids.csv"
@@ -697,6 +699,7 @@ def _try_place(
     anat: _Anatomy,
     parenchyma: BoolArray,
     reserved: BoolArray,
+    max_extent_mm: float = MAX_DIAMETER_MM,
 ) -> _Placed | None:
     """Rasterise ``shape`` at ``c``; ``None`` unless it is a valid, free, well-sized single component."""
     r = shape.reach
@@ -720,7 +723,7 @@ def _try_place(
         nz_idx = np.flatnonzero(m.any(axis=other))
         extents.append((int(nz_idx[-1]) - int(nz_idx[0]) + 1) * sp)
     in_plane = max(extents[0], extents[1])
-    if not (MIN_DIAMETER_MM <= in_plane <= MAX_DIAMETER_MM) or extents[2] > MAX_DIAMETER_MM:
+    if not (MIN_DIAMETER_MM <= in_plane <= max_extent_mm) or extents[2] > max_extent_mm:
         return None
     if ndimage.label(m, structure=_CROSS)[1] != 1:
         return None
@@ -747,8 +750,15 @@ def _march(grid: _Grid, mask: BoolArray, p: NDArray[np.float64], u: NDArray[np.f
 
 
 def _place_lesions(
-    grid: _Grid, anat: _Anatomy, rng: np.random.Generator, n_lesions: int
+    grid: _Grid,
+    anat: _Anatomy,
+    rng: np.random.Generator,
+    n_lesions: int,
+    lesion_mm: tuple[float, float] = DEFAULT_LESION_MM,
 ) -> list[tuple[int, str, _Placed]]:
+    lo_all, hi_all = lesion_mm
+    # accepted extents scale with the range (exactly MAX_DIAMETER_MM for the default range)
+    max_extent = MAX_DIAMETER_MM * max(1.0, hi_all / DEFAULT_LESION_MM[1])
     parenchyma = anat.lung & ~anat.vessel & ~ndimage.binary_dilation(anat.airway, iterations=1)
     reserved = np.zeros(grid.shape, dtype=bool)
     candidates = np.flatnonzero(parenchyma)
@@ -763,20 +773,21 @@ def _place_lesions(
         mode = "pleura" if want < 0.12 else ("vessel" if want < 0.22 else "free")
         if mode == "vessel" and vessel_vox.size == 0:
             mode = "free"
-        lo = 8.0 if class_id == 2 else 3.2
+        lo = max(8.0, lo_all) if class_id == 2 else lo_all  # a part-solid lesion needs room for core and halo
+        hi = max(hi_all, lo)
         result: _Placed | None = None
         for attempt in range(80):
             if attempt == 40:
                 mode = "free"
-            diameter = float(np.exp(rng.uniform(math.log(lo), math.log(27.0))))
+            diameter = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
             if attempt >= 20:
-                diameter = min(diameter, 12.0)  # small lungs (tiny test volumes): prefer what fits
+                diameter = min(diameter, max(12.0, lo))  # small lungs (tiny test volumes): prefer what fits
             shape = _sample_shape(rng, kind, diameter)
             if mode == "free":
                 p = np.array(np.unravel_index(int(rng.choice(candidates)), grid.shape), dtype=np.float64)
                 c = np.array([grid.x[int(p[0])], grid.y[int(p[1])], grid.z[int(p[2])]], dtype=np.float64)
                 c += rng.uniform(-0.5, 0.5, 3) * np.array(grid.spacing)
-                result = _try_place(grid, shape, c, anat, parenchyma, reserved)
+                result = _try_place(grid, shape, c, anat, parenchyma, reserved, max_extent)
                 if result is not None and (
                     (class_id == 2 and not (result.f[result.mask] <= _CORE_MIN).any())
                     or (result.touches is not None and attempt < 60)  # keep touching lesions near ~20%
@@ -793,7 +804,7 @@ def _place_lesions(
                 step = 0.5 * min(grid.spacing)
                 for n_step in range(int(2.4 * shape.reach / step) + 4):
                     c = edge + direction * (n_step * step)
-                    result = _try_place(grid, shape, c, anat, parenchyma, reserved)
+                    result = _try_place(grid, shape, c, anat, parenchyma, reserved, max_extent)
                     if result is not None:
                         break
                 if result is not None and (
@@ -836,7 +847,11 @@ def _case_id(index: int, width: int = 3) -> str:
 
 
 def generate_case(
-    index: int, seed: int = 0, shape: tuple[int, int, int] | None = None, case_id: str | None = None
+    index: int,
+    seed: int = 0,
+    shape: tuple[int, int, int] | None = None,
+    case_id: str | None = None,
+    lesion_mm: tuple[float, float] = DEFAULT_LESION_MM,
 ) -> SyntheticCase:
     """Generate one synthetic chest-CT case in memory.
 
@@ -846,6 +861,8 @@ def generate_case(
         shape: volume shape (X, Y, Z); ``None`` samples a plausible chest field of view per case
             (144-192 voxels in-plane for 280-350 mm, 64-128 slices).
         case_id: identifier, default ``case_{index:03d}``.
+        lesion_mm: ``(low, high)`` range of the drawn lesion diameters, mm (log-uniform); the default is the
+            built-in dataset's. Another range changes only the lesions (e.g. ``(15, 40)``: large ones).
 
     Returns:
         The case with its int16 HU volume, uint8 label mask, geometry and lesion ground truth.
@@ -865,7 +882,7 @@ def generate_case(
     anat = _build_anatomy(grid, _rng(seed, index, 1))
     lesion_rng = _rng(seed, index, 2)
     n_lesions = 0 if case_is_empty(seed, index) else int(lesion_rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
-    placed = _place_lesions(grid, anat, lesion_rng, n_lesions)
+    placed = _place_lesions(grid, anat, lesion_rng, n_lesions, lesion_mm)
 
     vol = anat.volume
     label = np.zeros(shp, dtype=np.uint8)
@@ -1101,6 +1118,7 @@ def generate_dataset(
     val_fraction: float = 0.2,
     write_dicom: bool = True,
     progress: bool = False,
+    lesion_mm: tuple[float, float] = DEFAULT_LESION_MM,
 ) -> SyntheticSummary:
     """Generate the synthetic chest-CT lesion dataset into ``out_dir`` (see the module docstring for the layout).
 
@@ -1113,12 +1131,15 @@ def generate_dataset(
             there are two or more cases; never all of them).
         write_dicom: also write the DICOM series (``dicom/case_XXX``); without it the datalist has no ``dicom``.
         progress: show a tqdm progress bar over cases.
+        lesion_mm: ``(low, high)`` lesion diameter range, mm (see :func:`generate_case`).
 
     Returns:
         A :class:`SyntheticSummary` of what was written.
     """
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
+    if not MIN_DIAMETER_MM <= lesion_mm[0] <= lesion_mm[1]:
+        raise ValueError(f"lesion_mm must be (low, high) with {MIN_DIAMETER_MM} <= low <= high, got {lesion_mm}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     val_idx = _split(cases, val_fraction, seed)
@@ -1133,7 +1154,7 @@ def generate_dataset(
     case_ids: list[str] = []
     for index in tqdm(range(cases), desc="synth", unit="case", disable=not progress):
         cid = _case_id(index, width)
-        case = generate_case(index, seed=seed, shape=shape, case_id=cid)
+        case = generate_case(index, seed=seed, shape=shape, case_id=cid, lesion_mm=lesion_mm)
         image_rel, label_rel, dicom_rel = f"nifti/{cid}.nii.gz", f"labels/{cid}_label.nii.gz", f"dicom/{cid}"
         write_case_nifti(case, out / image_rel, out / label_rel)
         if write_dicom:
@@ -1245,6 +1266,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction (default 0.2)")
     p.add_argument("--no-dicom", action="store_true", help="skip the DICOM series")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--lesion-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=DEFAULT_LESION_MM,
+        help=f"lesion diameter range, mm (default {DEFAULT_LESION_MM[0]:g} {DEFAULT_LESION_MM[1]:g})",
+    )
     return p
 
 
@@ -1260,6 +1289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--cases must be >= 1, --seed >= 0 and every --shape size >= 16")
     if not 0.0 <= args.val_fraction <= 1.0:
         parser.error("--val-fraction must be in [0, 1] (1: every case in 'validation', a held-out set)")
+    if not MIN_DIAMETER_MM <= args.lesion_mm[0] <= args.lesion_mm[1]:
+        parser.error(f"--lesion-mm must be LOW HIGH with {MIN_DIAMETER_MM:g} <= LOW <= HIGH")
     summary = generate_dataset(
         args.out,
         cases=args.cases,
@@ -1268,6 +1299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_fraction=args.val_fraction,
         write_dicom=not args.no_dicom,
         progress=not args.no_progress,
+        lesion_mm=(float(args.lesion_mm[0]), float(args.lesion_mm[1])),
     )
     print(
         f"medrpn synth: wrote {summary.num_cases} cases ({len(summary.training_ids)} training, "

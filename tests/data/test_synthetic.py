@@ -373,6 +373,17 @@ def test_default_geometry_is_a_plausible_chest() -> None:
     assert np.median(img[nx // 2, ny // 2 - 10 : ny // 2 + 10, nz // 2]) > -200  # mediastinum
 
 
+def test_lesion_size_range_changes_only_the_lesions() -> None:
+    """``lesion_mm`` draws other lesion sizes in the same anatomy; the default range is the built-in dataset."""
+    default = generate_case(1, seed=0)
+    large = generate_case(1, seed=0, lesion_mm=(15.0, 30.0))
+    assert default.shape == large.shape and default.spacing == large.spacing and default.origin == large.origin
+    assert large.lesions and default.lesions
+    assert min(les.diameter_mm for les in large.lesions) >= 10.0  # shapes vary around the drawn diameter
+    assert max(les.diameter_mm for les in large.lesions) > max(les.diameter_mm for les in default.lesions)
+    assert (default.image != large.image).mean() < 0.02  # the anatomy and noise are the same: only around lesions
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Speed and CLI
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,4 +407,7 @@ def test_cli_without_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path), "--cases", "0"])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit) as err:
+        main([str(tmp_path), "--lesion-mm", "20", "10"])
     assert err.value.code == 2
