@@ -382,8 +382,8 @@ def evaluate_results(
         )
     missing = tuple(i for i in ids if i not in candidates)
     empty = np.zeros((0, 3))
-    cands = [candidates.get(i) or ScanCandidates(i, empty, np.zeros(0)) for i in ids]
-    lesions = [annotations.get(i) or ScanLesions(i, empty, np.zeros(0)) for i in ids]
+    cands = [candidates[i] if i in candidates else ScanCandidates(i, empty, np.zeros(0)) for i in ids]
+    lesions = [annotations[i] if i in annotations else ScanLesions(i, empty, np.zeros(0)) for i in ids]
     if excluded:
         cands = [
             drop_excluded(c, les, excluded[c.scan_id]) if c.scan_id in excluded else c for c, les in zip(cands, lesions)
