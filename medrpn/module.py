@@ -320,7 +320,7 @@ class LesionDetectionModule(pl.LightningModule):
         terms = self.rpn_loss(out, gt_boxes, self.detector.rpn.box_coder, self.detector.rpn.num_anchors).as_dict()
         if self.detector.head is not None:
             targets = self.roi_sampler([p.detach() for p in out.proposals], gt_boxes, gt_labels)
-            logits, deltas = self.detector.head(features, [t.rois for t in targets], self.detector.strides)
+            logits, deltas = self.detector.head(features, [t.rois for t in targets], self.detector.strides, images)
             head = lesion_head_loss(
                 logits,
                 deltas,

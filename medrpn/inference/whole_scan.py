@@ -142,7 +142,7 @@ def _flip_axes(config: WholeScanConfig, spatial_dims: int) -> list[int]:
 def _heatmap(detector: LesionDetector, images: Tensor) -> tuple[list[Detections], list[Proposals], Tensor | None]:
     """Run the detector once; also return proposals and the finest-level objectness map upsampled."""
     features, out = detector.features_and_proposals(images)
-    dets = detector.forward_from(features, out)
+    dets = detector.forward_from(features, out, images)
     grid = features[0].shape[2:]
     a = detector.rpn.num_anchors
     n0 = out.num_anchors_per_level[0]
@@ -187,7 +187,7 @@ def _run(
 
 def _plain(detector: LesionDetector, images: Tensor) -> tuple[list[Detections], list[Proposals]]:
     features, out = detector.features_and_proposals(images)
-    return detector.forward_from(features, out), out.proposals
+    return detector.forward_from(features, out, images), out.proposals
 
 
 def _cat_dets(parts: Sequence[Detections]) -> Detections:

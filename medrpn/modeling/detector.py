@@ -62,6 +62,11 @@ class HeadConfig:
         score_threshold: minimum lesion probability of a detection.
         nms_iou: class-agnostic NMS threshold of detections.
         max_detections: detections per image.
+        image_roi_size: pooled size per axis of the head's input branch (the network input pooled at full
+            resolution over a context window around each RoI, concatenated to the FPN features; see
+            :class:`~medrpn.modeling.lesion_head.LesionHead`); ``None``: off.
+        image_context: that window is the RoI scaled by this factor about its centre ...
+        image_min_extent: ... and at least this many input voxels per axis.
     """
 
     roi_size: int | tuple[int, ...] = 7
@@ -70,6 +75,9 @@ class HeadConfig:
     score_threshold: float = 0.05
     nms_iou: float = 0.3
     max_detections: int = 100
+    image_roi_size: int | tuple[int, ...] | None = None
+    image_context: float = 2.0
+    image_min_extent: float = 6.0
 
 
 RPN_DEFAULT = RPNConfig()
@@ -168,6 +176,10 @@ class LesionDetector(nn.Module):
                 score_threshold=head.score_threshold,
                 nms_iou=head.nms_iou,
                 max_detections=head.max_detections,
+                image_channels=backbone.in_channels if head.image_roi_size is not None else 0,
+                image_roi_size=head.image_roi_size,
+                image_context=head.image_context,
+                image_min_extent=head.image_min_extent,
             )
         self.lesion_map_head: nn.Module | None = (
             Conv[Conv.CONV, d](backbone.out_channels, 1, kernel_size=1) if lesion_map else None
@@ -243,14 +255,18 @@ class LesionDetector(nn.Module):
             ``B`` :class:`Detections` in image coordinates, sorted by score.
         """
         features, out = self.features_and_proposals(images)
-        return self.forward_from(features, out)
+        return self.forward_from(features, out, images)
 
-    def forward_from(self, features: Sequence[Tensor], out: RPNOutput) -> list[Detections]:
+    def forward_from(
+        self, features: Sequence[Tensor], out: RPNOutput, images: Tensor | None = None
+    ) -> list[Detections]:
         """Second stage from already computed features and RPN output (see :meth:`forward`).
 
         Args:
             features: per level ``(B, C, *grid_l)``.
             out: the RPN output for the same batch.
+            images: the batch's network input, ``(B, C_in, *spatial)``; needed when the head pools the input
+                (``head.image_roi_size``).
 
         Returns:
             ``B`` :class:`Detections`.
@@ -268,7 +284,7 @@ class LesionDetector(nn.Module):
                 for p in out.proposals
             ]
         else:
-            logits, deltas = self.head(features, [p.boxes for p in out.proposals], self.strides)
+            logits, deltas = self.head(features, [p.boxes for p in out.proposals], self.strides, images)
             dets = self.head.postprocess(logits, deltas, out.proposals, out.image_shape)
         if self.lesion_map_score_weight > 0:
             dets = self.rescore_with_lesion_map(features, dets, self.lesion_map_score_weight)

@@ -52,7 +52,9 @@ class BrightRegionDetector:
         )
         return [torch.zeros(images.shape[0], 1, *images.shape[2:])], out
 
-    def forward_from(self, features: list[torch.Tensor], out: RPNOutput) -> list[Detections]:
+    def forward_from(
+        self, features: list[torch.Tensor], out: RPNOutput, images: torch.Tensor | None = None
+    ) -> list[Detections]:
         return [
             Detections(p.boxes, p.scores, torch.zeros(len(p), dtype=torch.long), p.scores[:, None], p.scores)
             for p in out.proposals
@@ -100,8 +102,10 @@ def test_flip_tta_boxes_come_back_unflipped() -> None:
 class CornerArtefactDetector(BrightRegionDetector):
     """Also reports a confident box at the input's first corner: after unflipping, each view puts it elsewhere."""
 
-    def forward_from(self, features: list[torch.Tensor], out: RPNOutput) -> list[Detections]:
-        dets = super().forward_from(features, out)
+    def forward_from(
+        self, features: list[torch.Tensor], out: RPNOutput, images: torch.Tensor | None = None
+    ) -> list[Detections]:
+        dets = super().forward_from(features, out, images)
         corner = torch.tensor([[0.0] * self.spatial_dims + [4.0] * self.spatial_dims])
         one = torch.ones(1)
         return [

@@ -158,3 +158,28 @@ def test_mismatched_parts_are_refused() -> None:
             backbone=ResNetFPN(spatial_dims=2, variant="tiny", return_stages=(1,)),
             anchor_generator=AnchorGenerator(spatial_dims=3, shapes=[[[6.0, 6.0, 6.0]]]),
         )
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_head_input_branch_round_trips_and_is_used(spatial_dims: int) -> None:
+    """``head.image_roi_size``: the head pools the network input too; the spec rebuilds it; old specs load."""
+    d = spatial_dims
+    det = LesionDetector(
+        backbone=ResNetFPN(spatial_dims=d, variant="tiny", in_channels=2, return_stages=(1, 2), fpn_channels=8),
+        anchor_generator=AnchorGenerator(spatial_dims=d, shapes=[[[6.0] * d], [[12.0] * d]], spacing_mm=[2.0] * d),
+        num_classes=2,
+        rpn=RPNConfig(post_nms_top_k_test=20),
+        head=HeadConfig(roi_size=3, representation_size=16, max_detections=5, score_threshold=0.0, image_roi_size=4),
+    ).eval()
+    assert det.head is not None and det.head.image_channels == 2
+    clone = LesionDetector.from_spec(json.loads(json.dumps(det.spec)))
+    clone.load_state_dict(det.state_dict())
+    clone.eval()
+    x = torch.randn(1, 2, *([32] * d))
+    with torch.no_grad():
+        a, b = det(x)[0], clone(x)[0]
+    torch.testing.assert_close(a.scores, b.scores)
+    spec = json.loads(json.dumps(_detector(d).spec))
+    for key in ("image_roi_size", "image_context", "image_min_extent"):
+        spec["head"].pop(key)
+    assert LesionDetector.from_spec(spec).head.image_roi_size is None  # type: ignore[union-attr]
