@@ -182,4 +182,5 @@ def test_head_input_branch_round_trips_and_is_used(spatial_dims: int) -> None:
     spec = json.loads(json.dumps(_detector(d).spec))
     for key in ("image_roi_size", "image_context", "image_min_extent"):
         spec["head"].pop(key)
-    assert LesionDetector.from_spec(spec).head.image_roi_size is None  # type: ignore[union-attr]
+    old = LesionDetector.from_spec(spec).head
+    assert old is not None and old.image_roi_size is None and old.image_channels == 0
