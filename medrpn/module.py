@@ -49,7 +49,7 @@ from medrpn.modeling.detector import LesionDetector
 from medrpn.training.lesion_map import LESION_MAP_LOSSES, LesionMapLoss, lesion_map_loss, lesion_map_targets
 from medrpn.training.losses import RPNLoss
 from medrpn.training.matching import AnchorMatcher, ATSSMatcher, IoUMatcher
-from medrpn.training.roi_targets import RoISampler, lesion_head_loss
+from medrpn.training.roi_targets import CentreRule, RoISampler, lesion_head_loss
 from medrpn.training.sampling import BalancedSampler, HardNegativeSampler, Sampler
 
 
@@ -97,6 +97,9 @@ class HeadTrainingConfig:
         positive_fraction: maximum fraction of positives.
         class_weight: weight of ``loss_head_class``.
         box_weight: weight of ``loss_head_box``.
+        centre_rule: RoIs below ``positive_iou`` whose centre lies inside a lesion: ``"iou"`` (IoU decides),
+            ``"ignore"`` (never background) or ``"positive"`` (positives of that lesion); see
+            :class:`~medrpn.training.roi_targets.RoISampler`.
     """
 
     positive_iou: float = 0.5
@@ -105,6 +108,7 @@ class HeadTrainingConfig:
     positive_fraction: float = 0.25
     class_weight: float = 1.0
     box_weight: float = 1.0
+    centre_rule: CentreRule = "iou"
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,7 @@ class LesionDetectionModule(pl.LightningModule):
             negative_iou=self.head_cfg.negative_iou,
             rois_per_image=self.head_cfg.rois_per_image,
             positive_fraction=self.head_cfg.positive_fraction,
+            centre_rule=self.head_cfg.centre_rule,
         )
         self._val_outputs: list[dict[str, Any]] = []
         self.last_froc: FROCResult | None = None

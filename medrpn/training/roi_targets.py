@@ -6,6 +6,14 @@ lesion -> that lesion's class; IoU < ``negative_iou`` -> background; in between 
 sampler keeps ``rois_per_image`` RoIs with up to ``positive_fraction`` positives (Faster R-CNN 2D:
 512 RoIs, 25% positives at IoU >= 0.5; small 3D lesions need looser thresholds, set in the 3D config).
 
+``centre_rule`` (an addition to Faster R-CNN's IoU rule, for small lesions): IoU is a harsh judge of a box
+around a 3 mm lesion (a RoI twice its size per axis, centred on it, has IoU 1/8 in 3D), so the IoU rule calls
+RoIs background that have the lesion right in their middle, and the head learns that a small blob in the centre
+of a loosely fitting box is background — while the detection is scored by where its centre lies (the LUNA16
+hit rule, :mod:`medrpn.evaluation.froc`). With ``"ignore"`` a RoI whose centre lies inside a lesion's inscribed
+ellipsoid is never background; with ``"positive"`` it is a positive of that lesion (its class, and a box
+target to regress to). ``"iou"`` is the plain IoU rule.
+
 Loss terms (named): ``loss_head_class`` — cross-entropy over ``C + 1`` classes (0 = background) on the
 sampled RoIs; ``loss_head_box`` — smooth L1 between the deltas predicted for the true class and the
 encoded ground truth, on positives, divided by the number of sampled RoIs (torchvision's
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +34,9 @@ from torch import Tensor
 from medrpn.modeling.structures import MatchResult, Proposals
 from medrpn.training.matching import IoUMatcher
 from medrpn.training.sampling import BalancedSampler
+
+CentreRule = Literal["iou", "ignore", "positive"]
+CENTRE_RULES: tuple[str, ...] = ("iou", "ignore", "positive")
 
 
 @dataclass
@@ -68,6 +80,9 @@ class RoISampler:
         rois_per_image: RoIs sampled per image.
         positive_fraction: maximum fraction of positives.
         add_gt_as_proposals: append the ground-truth boxes to the proposals.
+        centre_rule: what becomes of a RoI below ``positive_iou`` whose centre lies inside a lesion's inscribed
+            ellipsoid: ``"iou"`` (the IoU rule decides), ``"ignore"`` (never background) or ``"positive"`` (a
+            positive of the lesion whose ellipsoid centre is nearest, in units of its semi-axes).
     """
 
     def __init__(
@@ -78,7 +93,11 @@ class RoISampler:
         rois_per_image: int = 512,
         positive_fraction: float = 0.25,
         add_gt_as_proposals: bool = True,
+        centre_rule: CentreRule = "iou",
     ) -> None:
+        if centre_rule not in CENTRE_RULES:
+            raise ValueError(f"centre_rule must be one of {CENTRE_RULES}, got {centre_rule!r}")
+        self.centre_rule = centre_rule
         neg = positive_iou if negative_iou is None else negative_iou
         self.matcher = IoUMatcher(
             positive_threshold=positive_iou, negative_threshold=neg, allow_low_quality_matches=False
@@ -105,6 +124,8 @@ class RoISampler:
             gt = gt.to(p.boxes)
             rois = torch.cat([p.boxes, gt]) if self.add_gt_as_proposals else p.boxes
             match = self.matcher(gt, rois)
+            if self.centre_rule != "iou" and gt.shape[0]:
+                match = _apply_centre_rule(match, gt, rois, self.centre_rule)
             pos, neg = self.sampler(match.labels)
             keep = pos | neg
             classes = torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
@@ -117,6 +138,39 @@ class RoISampler:
                 matched = torch.zeros_like(rois)
             out.append(RoITargets(rois=rois[keep], classes=classes[keep], gt_boxes=matched[keep]))
         return out
+
+
+def centre_distance(gt: Tensor, boxes: Tensor) -> Tensor:
+    """Distance of box centres from lesion centres in units of each lesion's semi-axes.
+
+    Args:
+        gt: ``(M, 4)`` in 2D or ``(M, 6)`` in 3D, ``xyxy`` / ``xyzxyz`` lesion boxes.
+        boxes: ``(R, 2*D)`` boxes in the same coordinates.
+
+    Returns:
+        ``(M, R)``: ``sqrt(sum_i ((c_i - g_i) / h_i)^2)`` with ``g`` the lesion centre and ``h`` its half extent
+        (at least a tiny epsilon); values ``<= 1`` put the box centre inside the ellipsoid inscribed in the lesion box.
+    """
+    d = gt.shape[1] // 2
+    g_centre = (gt[:, :d] + gt[:, d:]) / 2
+    half = ((gt[:, d:] - gt[:, :d]) / 2).clamp_min(1e-6)
+    centre = (boxes[:, :d] + boxes[:, d:]) / 2
+    z = (centre[None, :, :] - g_centre[:, None, :]) / half[:, None, :]
+    return z.pow(2).sum(-1).sqrt()
+
+
+def _apply_centre_rule(match: MatchResult, gt: Tensor, rois: Tensor, rule: CentreRule) -> MatchResult:
+    """Relabel the non-positive RoIs centred inside a lesion (see :class:`RoISampler`)."""
+    dist = centre_distance(gt.float(), rois.float())  # (M, R)
+    nearest, which = dist.min(dim=0)
+    centred = (nearest <= 1.0) & (match.labels != MatchResult.POSITIVE)
+    labels, matched = match.labels.clone(), match.matched_gt.clone()
+    if rule == "ignore":
+        labels[centred] = MatchResult.IGNORE
+    else:
+        labels[centred] = MatchResult.POSITIVE
+        matched[centred] = which[centred]
+    return MatchResult(labels=labels, matched_gt=matched, max_iou=match.max_iou)
 
 
 def lesion_head_loss(

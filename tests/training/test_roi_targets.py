@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medrpn.modeling.lesion_head import LesionHead
 from medrpn.modeling.structures import Proposals
-from medrpn.training.roi_targets import RoISampler, lesion_head_loss
+from medrpn.training.roi_targets import CentreRule, RoISampler, centre_distance, lesion_head_loss
 
 
 def _props(boxes: list[list[float]]) -> Proposals:
@@ -50,3 +53,76 @@ def test_loss_hand_computed() -> None:
     assert float(loss.box) == 0.0  # the ground-truth RoI needs zero deltas
     loss.total.backward()
     assert set(loss.as_dict()) == {"loss_head_class", "loss_head_box"}
+
+
+def _box(centre: list[float], half: list[float]) -> list[float]:
+    return [c - h for c, h in zip(centre, half)] + [c + h for c, h in zip(centre, half)]
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("rule", ["iou", "ignore", "positive"])
+def test_centre_rule_relabels_loose_rois_centred_on_a_lesion(spatial_dims: int, rule: CentreRule) -> None:
+    d = spatial_dims
+    gt = torch.tensor([_box([20.0] * d, [1.5] * d)])  # a 3-voxel lesion
+    loose = _box([20.5] * d, [4.0] * d)  # centred on it (0.33 semi-axes away), IoU (3/8)^d < 0.2: background by IoU
+    beside = _box([20.0 + 2.5] + [20.0] * (d - 1), [1.5] * d)  # centre outside the lesion (1.67 semi-axes)
+    far = _box([60.0] * d, [1.5] * d)
+    props = [_props([loose, beside, far])]
+    sampler = RoISampler(
+        positive_iou=0.3,
+        negative_iou=0.2,
+        rois_per_image=16,
+        positive_fraction=0.5,
+        add_gt_as_proposals=False,
+        centre_rule=rule,
+    )
+    t = sampler(props, [gt], [torch.tensor([1])])[0]
+    by_roi = {tuple(r.tolist()): int(c) for r, c in zip(t.rois, t.classes)}
+    expected_loose = {"iou": 0, "ignore": None, "positive": 2}[rule]
+    assert by_roi.get(tuple(loose)) == expected_loose
+    assert by_roi[tuple(beside)] == 0 and by_roi[tuple(far)] == 0
+    if rule == "positive":
+        assert (t.gt_boxes[t.classes > 0] == gt).all()
+
+
+def test_centre_rule_picks_the_lesion_it_is_centred_in_and_keeps_iou_positives() -> None:
+    gt = torch.tensor([_box([20.0, 20.0], [2.0, 2.0]), _box([26.0, 20.0], [4.0, 4.0])])  # overlapping lesions
+    rois = [_box([21.0, 20.0], [6.0, 6.0]), _box([26.0, 20.0], [4.0, 4.0])]  # centred in lesion 0; = lesion 1
+    t = RoISampler(
+        positive_iou=0.5,
+        negative_iou=0.2,
+        rois_per_image=8,
+        positive_fraction=1.0,
+        add_gt_as_proposals=False,
+        centre_rule="positive",
+    )([_props(rois)], [gt], [torch.tensor([0, 1])])[0]
+    # RoI 0: 0.5 semi-axes from lesion 0 (inside), 1.25 from lesion 1 (outside): a positive of lesion 0
+    assert t.classes.tolist() == [1, 2]
+    assert torch.equal(t.gt_boxes, gt)
+
+
+def test_centre_rule_is_checked() -> None:
+    with pytest.raises(ValueError, match="centre_rule"):
+        RoISampler(centre_rule="centre")  # type: ignore[arg-type]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    centre=st.lists(st.floats(-50, 50), min_size=3, max_size=3),
+    half=st.lists(st.floats(0.5, 20), min_size=3, max_size=3),
+    unit=st.lists(st.floats(-1, 1), min_size=3, max_size=3),
+    scale=st.floats(0.0, 2.0),
+    roi_half=st.floats(0.5, 30),
+)
+def test_centre_distance_is_in_semi_axis_units(
+    centre: list[float], half: list[float], unit: list[float], scale: float, roi_half: float
+) -> None:
+    norm = math.sqrt(sum(u * u for u in unit))
+    if norm < 1e-3:
+        return
+    direction = [u / norm for u in unit]
+    roi_centre = [c + scale * h * u for c, h, u in zip(centre, half, direction)]
+    gt = torch.tensor([_box(centre, half)], dtype=torch.float64)
+    roi = torch.tensor([_box(roi_centre, [roi_half] * 3)], dtype=torch.float64)
+    # the RoI's size does not matter, only where its centre lies
+    assert math.isclose(float(centre_distance(gt, roi)[0, 0]), scale, rel_tol=1e-6, abs_tol=1e-6)
