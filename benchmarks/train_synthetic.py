@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         "--heldout-cases",
         type=int,
         default=10,
-        help="held-out scans (seed 1; default 10 = data/heldout, the README's figures); more give a tighter CPM "
-        "interval, e.g. 40 -> data/heldout40 and report_heldout40.md",
+        help="held-out scans (seed 1; default 10 = data/heldout); more give a tighter CPM interval, e.g. 40 -> "
+        "data/heldout40 and report_heldout40.md (the README's figures)",
     )
     p.add_argument(
         "--tta",

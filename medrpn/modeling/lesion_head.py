@@ -16,7 +16,8 @@ channels) at full resolution over a context window around each RoI, and concaten
 features. The finest FPN level of the 3D demo has a stride of 2 voxels (3 mm), so a 3 mm nodule is one feature
 cell there; the input window shows the head its intensities (what the lesion classes are defined by) and whether
 a bright blob continues outward as a vessel. It is a RoIAlign over the input, not a second CNN, so it costs
-almost nothing per step (an image-context CNN of 16 and 32 channels cost 30% of the demo's steps, README).
+almost nothing per step (an image-context CNN of 16 and 32 channels cost 30% of the demo's steps,
+docs/detection_quality.md).
 
 Shapes: ``R`` RoIs over the batch, ``C`` foreground classes, ``D`` spatial dims, pooled size ``P``
 (``(7, 7)`` in 2D, e.g. ``(5, 5, 5)`` in 3D).

@@ -2,8 +2,8 @@
 
 Why: the RPN and the lesion head see only *sampled* anchors and RoIs. With random negatives the anchors
 on vessels are almost never sampled, so the shared features are never told that a 3 mm vessel
-cross-section is not a 3 mm nodule; hard-negative mining from the first step instead often stalls (the
-README's tables). A voxel-wise loss gives every cell of the finest level a target at once — the lesion
+cross-section is not a 3 mm nodule; hard-negative mining from the first step instead often stalls
+(docs/detection_quality.md). A voxel-wise loss gives every cell of the finest level a target at once — the lesion
 as positive, *all* the background (vessels included) as negative — with no sampling. Jaeger et al.,
 "Retina U-Net" (ML4H 2020) and nnDetection train detectors this way on medical scans.
 
@@ -15,12 +15,12 @@ of its lesion. Two losses:
 - ``"bce_dice"`` (the module's default): binary cross-entropy over all cells plus a soft Dice over the
   batch's lesion cells. Large lesions own most lesion cells, so a 3 mm nodule (one cell of a stride-2
   grid) weighs little against the vessels: on the demo data this map learned every lesion of 5 mm and
-  more and gave the smaller ones a probability near 0 (README).
+  more and gave the smaller ones a probability near 0 (docs/detection_quality.md).
 - ``"lesion_balanced"``: the mean cross-entropy of the background cells plus the mean over lesions of each
   lesion's mean cross-entropy, so every lesion weighs the same whatever its size, and all lesions together
   weigh as much as the whole background. On the demo data the map then fired on small lesions *and* on
   hundreds of vessel branches per scan (a small lesion's map peak ranked 40th-440th in its scan), and the
-  detector was worse (README), so it is not the default.
+  detector was worse (docs/detection_quality.md), so it is not the default.
 
 Shapes: ``B`` images, grid ``(X, Y)`` in 2D or ``(X, Y, Z)`` in 3D, ``D`` spatial dims.
 """
