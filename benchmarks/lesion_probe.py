@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,7 @@ def probe_checkpoint(
     from medrpn.geometry import world_to_image_boxes
     from medrpn.inference.checkpoint import load_inference_model
     from medrpn.inference.precision import inference_autocast
+    from medrpn.modeling.detector import padded_shape
     from medrpn.modeling.structures import objectness_probability
 
     model = load_inference_model(checkpoint)
@@ -86,6 +88,8 @@ def probe_checkpoint(
         raise ValueError(f"{checkpoint}: a {detector.spatial_dims}D model; the probe reads 3D models only")
     if detector.head is None:
         raise ValueError(f"{checkpoint}: an RPN-only model has no lesion head to probe")
+    if tuple(padded_shape(patch, detector.strides)) != tuple(patch):
+        raise ValueError(f"patch {tuple(patch)} must be a multiple of the coarsest stride {detector.strides[-1]}")
     dm = LesionDataModule.for_model(model, datalist=str(datalist), patch_size=(32, 32, 32), cache="none", val_key=split)
     dm.setup("validate")
     size = torch.tensor(patch)
@@ -105,6 +109,9 @@ def probe_checkpoint(
             centre = (box[:3] + box[3:]) / 2
             lo, hi = _patch_bounds(centre, shape, size)
             crop = image[:, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            short = [int(p - c) for p, c in zip(size, crop.shape[2:])]
+            if any(short):  # a scan smaller than the patch: pad at the far end, as whole-scan inference does
+                crop = F.pad(crop, [v for n in reversed(short) for v in (0, n)], mode="replicate")
             local = torch.cat([box[:3] - lo, box[3:] - lo])[None]
             with torch.no_grad(), inference_autocast("auto", "cpu"):
                 features, out = detector.features_and_proposals(crop)

@@ -80,3 +80,16 @@ def test_missing_checkpoint_is_a_clear_error(
 ) -> None:
     assert probe.main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--datalist", str(tmp_path / "x.json")]) == 2
     assert "nope.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_patch_larger_than_the_scan_is_padded(probe: ModuleType, data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(tmp_path / "tiny.ckpt", make_detector(3), patch_size=(48, 48, 32))
+    rows = probe.probe_checkpoint(ckpt, data, patch=(96, 96, 64))  # the preprocessed test scans are ~34 x 34 x 21
+    assert rows and all(0.0 <= r.head_lesion_prob <= 1.0 for r in rows)
+
+
+def test_patch_must_fit_the_strides(probe: ModuleType, data: Path, tmp_path: Path) -> None:
+    ckpt = write_checkpoint(tmp_path / "tiny.ckpt", make_detector(3), patch_size=(48, 48, 32))
+    with pytest.raises(ValueError, match="multiple of the coarsest stride"):
+        probe.probe_checkpoint(ckpt, data, patch=(30, 30, 30))
