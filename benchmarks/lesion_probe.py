@@ -76,6 +76,7 @@ def probe_checkpoint(
         One :class:`LesionProbe` per lesion.
     """
     from medrpn.data.datamodule import LesionDataModule
+    from medrpn.evaluation.froc import lesion_diameters_from_boxes
     from medrpn.geometry import world_to_image_boxes
     from medrpn.inference.checkpoint import load_inference_model
     from medrpn.inference.precision import inference_autocast
@@ -103,9 +104,10 @@ def probe_checkpoint(
         spacing = affine[:3, :3].norm(dim=0).float()  # mm per voxel along each array axis
         boxes = world_to_image_boxes(world.double(), affine).float()
         labels = batch["label"].reshape(-1)
+        diameters = lesion_diameters_from_boxes(world)  # the FROC's own rule: the in-plane long axis
         shape = torch.tensor(image.shape[2:])
-        for i, (box, wbox) in enumerate(zip(boxes, world)):
-            diameter = float(max(wbox[3] - wbox[0], wbox[4] - wbox[1]))
+        for i, box in enumerate(boxes):
+            diameter = float(diameters[i])
             centre = (box[:3] + box[3:]) / 2
             lo, hi = _patch_bounds(centre, shape, size)
             crop = image[:, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
@@ -145,20 +147,22 @@ def probe_checkpoint(
     return rows
 
 
-def summarise(rows: list[LesionProbe], bands: tuple[float, ...] = (5.0, 10.0)) -> str:
-    """Medians and counts per lesion-diameter band, as a Markdown table."""
-    edges = (0.0, *bands, math.inf)
+def summarise(rows: list[LesionProbe]) -> str:
+    """Counts and medians per lesion-diameter band (the validation report's bands), as a Markdown table."""
+    from medrpn.evaluation.froc import DiameterBand
+    from medrpn.module import DIAMETER_BANDS_MM
+
     lines = [
         "| band | lesions | RPN objectness >= 0.9 | head lesion prob >= 0.5 | both | median head lesion prob |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for a, b in itertools.pairwise(edges):
-        sel = [r for r in rows if a <= r.diameter_mm < b]
+    for low, high in itertools.pairwise(DIAMETER_BANDS_MM):
+        sel = [r for r in rows if low <= r.diameter_mm < high]
         if not sel:
             continue
         rpn = [r.rpn_objectness >= 0.9 for r in sel]  # nan compares False
         head = [r.head_lesion_prob >= 0.5 for r in sel]
-        name = f"< {b:g} mm" if a == 0 else (f">= {a:g} mm" if math.isinf(b) else f"{a:g}-{b:g} mm")
+        name = DiameterBand(low=low, high=high, num_lesions=len(sel), froc=None).label + " mm"
         lines.append(
             f"| {name} | {len(sel)} | {sum(rpn)} | {sum(head)} | {sum(x and y for x, y in zip(rpn, head))} "
             f"| {np.median([r.head_lesion_prob for r in sel]):.3f} |"
@@ -177,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for path in (args.checkpoint, args.datalist):
         if not path.is_file():
-            print(f"error: {path} does not exist", file=sys.stderr)
+            hint = " (benchmarks/train_synthetic.py --heldout-cases 40 writes data/heldout40)"
+            hint = hint if path == args.datalist else ""
+            print(f"error: {path} does not exist{hint}", file=sys.stderr)
             return 2
     rows = probe_checkpoint(args.checkpoint, args.datalist, split=args.split, patch=tuple(args.patch))
     rows = [r for r in rows if r.diameter_mm < args.max_diameter]
