@@ -11,10 +11,11 @@ included); load the best checkpoint (by validation CPM; ``last.ckpt`` if validat
 ``weights_only=True``; run whole-scan inference on every held-out scan exactly as ``medrpn infer`` does
 (same preprocessing and tiling from the checkpoint); print the FROC table (sensitivity at 1/8..8 FP per
 scan, CPM with its scan-bootstrap 95% interval, CPM per lesion-diameter band, AP, recall@K) and write
-``froc.png`` and ``report.md`` into ``--out``. ``--heldout-cases 40`` evaluates on ``data/heldout40`` instead
-(its first 10 scans are ``data/heldout``) and writes ``froc_heldout40.png`` / ``report_heldout40.md``;
-with ``--skip-training`` it re-scores an existing run, and ``--tta 01`` (or ``012``) evaluates with flip
-test-time augmentation (views fused by score averaging; reports suffixed ``_tta01``).
+``froc.png``, ``report.md`` and every scan's detections (``detections.pt``) into ``--out``. ``--heldout-cases 40``
+evaluates on ``data/heldout40`` instead (its first 10 scans are ``data/heldout``) and writes ``froc_heldout40.png`` /
+``report_heldout40.md`` / ``detections_heldout40.pt``; with ``--skip-training`` it re-scores an existing run,
+and ``--tta 01`` (or ``012``) evaluates with flip test-time augmentation (views fused by score averaging;
+reports suffixed ``_tta01``).
 """
 
 from __future__ import annotations
@@ -48,13 +49,20 @@ def _ensure_data(root: Path, heldout_cases: int = 10) -> tuple[Path, Path]:
 
 
 def evaluate_checkpoint(
-    ckpt: Path, datalist: Path, split: str = "validation", tta_axes: tuple[int, ...] = (), precision: str = "auto"
+    ckpt: Path,
+    datalist: Path,
+    split: str = "validation",
+    tta_axes: tuple[int, ...] = (),
+    precision: str = "auto",
+    dump: Path | None = None,
 ) -> tuple[ScanMetrics, float, int]:
     """Whole-scan inference with a checkpoint's own settings and the epoch metrics of the module.
 
     ``tta_axes`` (e.g. ``(0, 1)``) turns on flip test-time augmentation along those axes, fused as the
     checkpoint's ``inference.flip_merge`` says (default ``"mean"``). ``precision`` is the network precision of
-    ``medrpn infer --precision`` (``"auto"``: bfloat16 autocast where the CPU has it natively).
+    ``medrpn infer --precision`` (``"auto"``: bfloat16 autocast where the CPU has it natively). ``dump``: also
+    save every scan's detections, proposals and ground truth (world mm, LPS, StandardMode boxes) there with
+    ``torch.save``, for per-lesion analysis without running the model again.
     """
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.geometry import image_to_world_boxes
@@ -86,6 +94,8 @@ def evaluate_checkpoint(
             }
         )
     seconds = time.perf_counter() - start
+    if dump is not None:
+        torch.save(outputs, dump)
     names = list(model.class_names)
     return evaluate_scans(outputs, names, (10, 50, 100, 300)), seconds, len(outputs)
 
@@ -156,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = ckpt_dir / "best.ckpt"
     if not ckpt.is_file():
         ckpt = ckpt_dir / "last.ckpt"
-    metrics, infer_seconds, n_scans = evaluate_checkpoint(ckpt, held_list, tta_axes=tta_axes, precision=args.precision)
+    metrics, infer_seconds, n_scans = evaluate_checkpoint(
+        ckpt, held_list, tta_axes=tta_axes, precision=args.precision, dump=out / f"detections{suffix}.pt"
+    )
     from medrpn.evaluation.plots import plot_froc
     from medrpn.inference.precision import dtype_name, resolve_inference_dtype
 
