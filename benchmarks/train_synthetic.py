@@ -28,6 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medrpn.module import ScanMetrics
@@ -62,7 +63,8 @@ def evaluate_checkpoint(
     checkpoint's ``inference.flip_merge`` says (default ``"mean"``). ``precision`` is the network precision of
     ``medrpn infer --precision`` (``"auto"``: bfloat16 autocast where the CPU has it natively). ``dump``: also
     save every scan's detections, proposals and ground truth (world mm, LPS, StandardMode boxes) there with
-    ``torch.save``, for per-lesion analysis without running the model again.
+    ``torch.save`` (tensors; ``torch.load(..., weights_only=True)`` reads it), written atomically, for per-lesion
+    analysis without running the model again.
     """
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.geometry import image_to_world_boxes
@@ -95,7 +97,12 @@ def evaluate_checkpoint(
         )
     seconds = time.perf_counter() - start
     if dump is not None:
-        torch.save(outputs, dump)
+        from medrpn.overlays.atomic import atomic_path
+
+        # tensors and plain strings only, so that torch.load(..., weights_only=True) reads it back
+        plain = [{k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in o.items()} for o in outputs]
+        with atomic_path(dump) as tmp:
+            torch.save(plain, tmp)
     names = list(model.class_names)
     return evaluate_scans(outputs, names, (10, 50, 100, 300)), seconds, len(outputs)
 
