@@ -12,13 +12,17 @@ variants, each in a **fresh subprocess** so that oneDNN caches and allocator sta
 
 Each subprocess runs ``--warmup`` steps, then ``--steps`` timed steps, ``--repeats`` times; the per-step median
 of every repeat is kept, and the table shows the median over repeats and the speed-up against ``fp32`` measured
-in the same invocation. bfloat16 is fast only where the CPU has native bf16 instructions (AVX512-BF16 / AMX);
-elsewhere autocast can be slower than float32, which this table shows.
+in the same invocation. bfloat16 is fast only where the CPU has native bf16 instructions (AVX512-BF16 / AMX).
+Elsewhere oneDNN emulates it and a step of the demo takes minutes instead of seconds (a 2-core AVX2-only EPYC
+had not finished 4 bf16 steps after 10 minutes, against 2 s per float32 step), so the ``bf16`` variants are
+skipped, with a note, on such a CPU unless ``--force-bf16`` is given; ``--timeout`` bounds every variant's
+process either way, and a variant that runs out of time shows as such in the table.
 
 Usage::
 
     .venv/bin/python benchmarks/train_speed.py                      # demo config, 3 repeats
     .venv/bin/python benchmarks/train_speed.py --repeats 5 --steps 30
+    .venv/bin/python benchmarks/train_speed.py --variants fp32 bf16 --force-bf16 --timeout 1800
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medrpn.inference.precision import cpu_has_native_bf16
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (bf16 autocast, channels_last)
     "fp32": (False, False),
@@ -40,6 +46,30 @@ VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (bf16 autocast, channels_l
     "bf16": (True, False),
     "bf16+cl": (True, True),
 }
+
+
+def select_variants(requested: list[str], *, native_bf16: bool, force_bf16: bool) -> list[str]:
+    """The variants to time: the bf16 ones only where bfloat16 is native, or when forced.
+
+    Args:
+        requested: variant names, keys of :data:`VARIANTS`.
+        native_bf16: whether the CPU has AVX512-BF16 or AMX (:func:`medrpn.inference.precision.cpu_has_native_bf16`).
+        force_bf16: time the bf16 variants anyway.
+
+    Returns:
+        ``requested`` without the bf16 variants when they would be emulated; a note on stderr says what was skipped.
+    """
+    if native_bf16 or force_bf16:
+        return list(requested)
+    skipped = [v for v in requested if VARIANTS[v][0]]
+    if skipped:
+        print(
+            f"skipping {', '.join(skipped)}: this CPU has no native bfloat16 (AVX512-BF16/AMX), where oneDNN emulates "
+            "it at minutes per step of this model; --force-bf16 times them anyway",
+            file=sys.stderr,
+            flush=True,
+        )
+    return [v for v in requested if not VARIANTS[v][0]]
 
 
 def _ensure_data() -> Path:
@@ -113,18 +143,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats per variant (median reported)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--force-bf16",
+        action="store_true",
+        help="time the bf16 variants even where this CPU has no native bfloat16 (emulated: minutes per step)",
+    )
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed to each variant's process")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.config, args.worker, args.warmup, args.steps, args.repeats)))
         return 0
+    variants = select_variants(args.variants, native_bf16=cpu_has_native_bf16(), force_bf16=args.force_bf16)
+    if not variants:
+        print("nothing to time: every requested variant needs native bfloat16 (--force-bf16 times them)")
+        return 1
     results: dict[str, dict[str, Any]] = {}
-    for v in args.variants:
+    timed_out: list[str] = []
+    for v in variants:
         cmd = [sys.executable, __file__, "--worker", v, "--config", str(args.config)]
         cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+        try:
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, timeout=args.timeout).stdout
+        except subprocess.TimeoutExpired:
+            timed_out.append(v)
+            print(f"{v}: not finished within --timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)
+            continue
         results[v] = json.loads(out.strip().splitlines()[-1])
         print(f"{v}: {[round(m, 3) for m in results[v]['medians']]} s/step", file=sys.stderr, flush=True)
+    if not results:
+        print(f"no variant finished within --timeout {args.timeout:.0f} s")
+        return 1
     first = next(iter(results.values()))
     ref = statistics.median(results["fp32"]["medians"]) if "fp32" in results else None
     print(
@@ -137,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(r["medians"])
         ratio = f"{ref / med:.2f}x" if ref else "-"
         print(f"| {v} | {med:.3f} | {1.0 / med:.2f} | {ratio} |")
+    for v in timed_out:
+        print(f"| {v} | not finished in {args.timeout:.0f} s | - | - |")
     return 0
 
 
