@@ -23,6 +23,7 @@ Usage::
     .venv/bin/python benchmarks/train_speed.py                      # demo config, 3 repeats
     .venv/bin/python benchmarks/train_speed.py --repeats 5 --steps 30
     .venv/bin/python benchmarks/train_speed.py --variants fp32 bf16 --force-bf16 --timeout 1800
+    .venv/bin/python benchmarks/train_speed.py --variants fp32+cl -- --data.samples_per_scan=1   # CLI overrides
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _ensure_data() -> Path:
     return train / "datalist.json"
 
 
-def worker(config: Path, variant: str, warmup: int, steps: int, repeats: int) -> dict[str, Any]:
+def worker(config: Path, variant: str, warmup: int, steps: int, repeats: int, overrides: list[str]) -> dict[str, Any]:
     """Build model + data with the CLI, time ``repeats`` x ``steps`` optimisation steps of one variant."""
     import torch
 
@@ -102,6 +103,7 @@ def worker(config: Path, variant: str, warmup: int, steps: int, repeats: int) ->
             f"--data.datalist={_ensure_data()}",
             "--data.cache=none",
             f"--model.detector.init_args.channels_last={str(channels_last).lower()}",
+            *overrides,
         ],
         parser_kwargs={"default_env": False},
     )
@@ -150,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed to each variant's process")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="after `--`: Lightning CLI overrides of the config, as for medrpn fit")
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.config, args.worker, args.warmup, args.steps, args.repeats)))
+        print(json.dumps(worker(args.config, args.worker, args.warmup, args.steps, args.repeats, args.overrides)))
         return 0
     variants = select_variants(args.variants, native_bf16=cpu_has_native_bf16(), force_bf16=args.force_bf16)
     if not variants:
@@ -163,12 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         cmd = [sys.executable, __file__, "--worker", v, "--config", str(args.config)]
         cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
+        cmd += ["--", *args.overrides]
         try:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, timeout=args.timeout).stdout
         except subprocess.TimeoutExpired:
             timed_out.append(v)
             print(f"{v}: not finished within --timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)
             continue
+        except subprocess.CalledProcessError as err:  # say why, e.g. a bad override, instead of a bare exit status
+            tail = "\n".join(err.stderr.strip().splitlines()[-12:])
+            print(f"{v}: the worker failed (exit status {err.returncode}):\n{tail}", file=sys.stderr, flush=True)
+            return 1
         results[v] = json.loads(out.strip().splitlines()[-1])
         print(f"{v}: {[round(m, 3) for m in results[v]['medians']]} s/step", file=sys.stderr, flush=True)
     if not results:
@@ -177,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(results.values()))
     ref = statistics.median(results["fp32"]["medians"]) if "fp32" in results else None
     print(
-        f"\n{args.config.name}: batch {first['batch_shape']}, {first['threads']} torch threads, "
-        f"{args.steps} timed steps x {args.repeats} repeats per variant\n"
+        f"\n{args.config.name}{' ' + ' '.join(args.overrides) if args.overrides else ''}: batch "
+        f"{first['batch_shape']}, {first['threads']} torch threads, {args.steps} timed steps x {args.repeats} repeats "
+        "per variant\n"
     )
     print("| variant | s/step (median) | steps/s | speed-up vs fp32 |")
     print("|---|---:|---:|---:|")

@@ -61,3 +61,15 @@ def test_a_variant_out_of_time_is_reported_not_hung(
     assert "| fp32 | 2.100 | 0.48 | 1.00x |" in captured.out
     assert "| fp32+cl | not finished in 5 s | - | - |" in captured.out
     assert "fp32+cl: not finished within --timeout 5 s" in captured.err
+
+
+def test_a_failing_worker_shows_its_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise subprocess.CalledProcessError(1, cmd, output="", stderr="Traceback ...\nValueError: channels (3) ...\n")
+
+    monkeypatch.setattr(train_speed.subprocess, "run", fake_run)
+    assert train_speed.main(["--variants", "fp32", "--", "--data.batch_size=0"]) == 1
+    assert (
+        "fp32: the worker failed (exit status 1):\nTraceback ...\nValueError: channels (3) ..."
+        in capsys.readouterr().err
+    )
