@@ -24,6 +24,7 @@ Usage::
     .venv/bin/python benchmarks/train_speed.py --repeats 5 --steps 30
     .venv/bin/python benchmarks/train_speed.py --variants fp32 bf16 --force-bf16 --timeout 1800
     .venv/bin/python benchmarks/train_speed.py --variants fp32+cl -- --data.samples_per_scan=1   # CLI overrides
+    .venv/bin/python benchmarks/train_speed.py --variants fp32+cl --compare -- --data.samples_per_scan=1  # both
 """
 
 from __future__ import annotations
@@ -151,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time the bf16 variants even where this CPU has no native bfloat16 (emulated: minutes per step)",
     )
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed to each variant's process")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="time every variant twice, with the config as is and with the overrides, in this one invocation",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="after `--`: Lightning CLI overrides of the config, as for medrpn fit")
     args = p.parse_args(argv)
@@ -161,42 +167,45 @@ def main(argv: list[str] | None = None) -> int:
     if not variants:
         print("nothing to time: every requested variant needs native bfloat16 (--force-bf16 times them)")
         return 1
+    overrides_sets: list[list[str]] = [[], args.overrides] if args.overrides and args.compare else [args.overrides]
+    runs = [(v, o) for v in variants for o in overrides_sets]  # --compare: as is, then with the overrides
     results: dict[str, dict[str, Any]] = {}
     timed_out: list[str] = []
-    for v in variants:
+    for v, overrides in runs:
+        label = f"{v} + overrides" if overrides and args.compare else v
         cmd = [sys.executable, __file__, "--worker", v, "--config", str(args.config)]
         cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-        cmd += ["--", *args.overrides]
+        cmd += ["--", *overrides]
         try:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, timeout=args.timeout).stdout
         except subprocess.TimeoutExpired:
-            timed_out.append(v)
-            print(f"{v}: not finished within --timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)
+            timed_out.append(label)
+            print(f"{label}: not finished within --timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)
             continue
         except subprocess.CalledProcessError as err:  # say why, e.g. a bad override, instead of a bare exit status
             tail = "\n".join(err.stderr.strip().splitlines()[-12:])
-            print(f"{v}: the worker failed (exit status {err.returncode}):\n{tail}", file=sys.stderr, flush=True)
+            print(f"{label}: the worker failed (exit status {err.returncode}):\n{tail}", file=sys.stderr, flush=True)
             return 1
-        results[v] = json.loads(out.strip().splitlines()[-1])
-        print(f"{v}: {[round(m, 3) for m in results[v]['medians']]} s/step", file=sys.stderr, flush=True)
+        results[label] = json.loads(out.strip().splitlines()[-1])
+        print(f"{label}: {[round(m, 3) for m in results[label]['medians']]} s/step", file=sys.stderr, flush=True)
     if not results:
         print(f"no variant finished within --timeout {args.timeout:.0f} s")
         return 1
     first = next(iter(results.values()))
-    ref = statistics.median(results["fp32"]["medians"]) if "fp32" in results else None
+    ref_label = "fp32" if "fp32" in results else next(iter(results))  # the reference of the ratio column
+    ref = statistics.median(results[ref_label]["medians"])
     print(
         f"\n{args.config.name}{' ' + ' '.join(args.overrides) if args.overrides else ''}: batch "
         f"{first['batch_shape']}, {first['threads']} torch threads, {args.steps} timed steps x {args.repeats} repeats "
         "per variant\n"
     )
-    print("| variant | s/step (median) | steps/s | speed-up vs fp32 |")
+    print(f"| variant | s/step (median) | steps/s | speed-up vs {ref_label} |")
     print("|---|---:|---:|---:|")
-    for v, r in results.items():
+    for label, r in results.items():
         med = statistics.median(r["medians"])
-        ratio = f"{ref / med:.2f}x" if ref else "-"
-        print(f"| {v} | {med:.3f} | {1.0 / med:.2f} | {ratio} |")
-    for v in timed_out:
-        print(f"| {v} | not finished in {args.timeout:.0f} s | - | - |")
+        print(f"| {label} | {med:.3f} | {1.0 / med:.2f} | {ref / med:.2f}x |")
+    for label in timed_out:
+        print(f"| {label} | not finished in {args.timeout:.0f} s | - | - |")
     return 0
 
 

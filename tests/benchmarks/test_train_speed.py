@@ -73,3 +73,23 @@ def test_a_failing_worker_shows_its_error(monkeypatch: pytest.MonkeyPatch, capsy
         "fp32: the worker failed (exit status 1):\nTraceback ...\nValueError: channels (3) ..."
         in capsys.readouterr().err
     )
+
+
+def test_compare_times_the_config_as_is_and_with_the_overrides(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd[cmd.index("--") + 1 :])
+        medians = [1.0, 1.0, 1.0] if calls[-1] else [2.0, 2.0, 2.0]  # the overrides halve the step
+        out = json.dumps({"variant": "fp32+cl", "medians": medians, "batch_shape": [2, 3, 8, 8, 8], "threads": 2})
+        return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n", stderr="")
+
+    monkeypatch.setattr(train_speed.subprocess, "run", fake_run)
+    assert train_speed.main(["--variants", "fp32+cl", "--compare", "--", "--data.samples_per_scan=1"]) == 0
+    assert calls == [[], ["--data.samples_per_scan=1"]]
+    out = capsys.readouterr().out
+    assert "| variant | s/step (median) | steps/s | speed-up vs fp32+cl |" in out
+    assert "| fp32+cl | 2.000 | 0.50 | 1.00x |" in out
+    assert "| fp32+cl + overrides | 1.000 | 1.00 | 2.00x |" in out
