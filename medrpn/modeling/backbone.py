@@ -11,7 +11,7 @@ which medrpn does not depend on.
 ``input_unshuffle=r`` puts MONAI's ``pixelunshuffle`` (space-to-depth, as YOLOv5's "Focus" or TResNet's stem)
 in front of the first stage: every ``r x r (x r)`` block of input voxels becomes ``r^D`` channels of one voxel,
 so nothing is lost, and the first stage's convolutions run on ``r^D`` times fewer voxels. A full-resolution
-stage is the most expensive part of a 3D training step on a CPU (a 3 -> 8 -> 8-channel residual block on the
+stage is a quarter of a 3D training step on a CPU (a 3 -> 8 -> 8-channel residual block on the
 demo's 64 x 64 x 48 patches: 0.47 of 1.8 s per float32 step on a 2-core AVX2 CPU), because its few channels
 keep oneDNN's kernels memory-bound.
 
