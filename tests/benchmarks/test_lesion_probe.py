@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,23 +12,15 @@ import pytest
 import torch
 
 from medrpn.data.synthetic import generate_dataset
+from tests.benchmarks import load_benchmark
 from tests.inference.conftest import make_detector, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_probe() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lesion_probe", ROOT / "benchmarks" / "lesion_probe.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lesion_probe"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def probe() -> ModuleType:
-    return _load_probe()
+    return load_benchmark("lesion_probe")
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,8 @@ def test_input_unshuffle_keeps_the_levels_and_drops_the_full_resolution_stage(sp
     assert [f.shape for f in s2d(x)] == [f.shape for f in full(x)]
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_input_unshuffle_pads_odd_sizes_at_the_far_end(spatial_dims: int) -> None:
-    """An odd input gets the grid of a strided convolution, ceil(n / 2), and its voxels keep their cells."""
+def _space_to_depth_net(spatial_dims: int) -> tuple[ResNetFPN, list[torch.Tensor]]:
+    """One stage behind ``input_unshuffle=2``, and the list its first stage's inputs are recorded in."""
     net = ResNetFPN(
         spatial_dims=spatial_dims,
         channels=(8,),
@@ -65,6 +64,13 @@ def test_input_unshuffle_pads_odd_sizes_at_the_far_end(spatial_dims: int) -> Non
     )
     seen: list[torch.Tensor] = []
     net.stages[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    return net, seen
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_input_unshuffle_pads_odd_sizes_at_the_far_end(spatial_dims: int) -> None:
+    """An odd input gets the grid of a strided convolution, ceil(n / 2), and its voxels keep their cells."""
+    net, seen = _space_to_depth_net(spatial_dims)
     x = torch.zeros(1, 1, *(7, 6, 5)[:spatial_dims])
     x[(0, 0, *(n - 1 for n in x.shape[2:]))] = 1.0  # the last voxel on every axis
     (feat,) = net(x)
@@ -75,17 +81,7 @@ def test_input_unshuffle_pads_odd_sizes_at_the_far_end(spatial_dims: int) -> Non
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_input_unshuffle_is_lossless_space_to_depth(spatial_dims: int) -> None:
     """Each of the 2^D voxels of a block lands in its own channel of the block's cell: nothing is averaged."""
-    net = ResNetFPN(
-        spatial_dims=spatial_dims,
-        channels=(8,),
-        blocks_per_stage=(1,),
-        stage_strides=(1,),
-        return_stages=(0,),
-        fpn_channels=4,
-        input_unshuffle=2,
-    )
-    seen: list[torch.Tensor] = []
-    net.stages[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    net, seen = _space_to_depth_net(spatial_dims)
     channels = set()
     for offset in range(2**spatial_dims):
         x = torch.zeros(1, 1, *(8,) * spatial_dims)
