@@ -15,8 +15,6 @@ from medrpn.data.synthetic import generate_dataset
 from tests.benchmarks import load_benchmark
 from tests.inference.conftest import make_detector, write_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def probe() -> ModuleType:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests.benchmarks import load_benchmark
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 train_speed = load_benchmark("train_speed")
 ALL = ["fp32", "fp32+cl", "bf16", "bf16+cl"]
