@@ -49,7 +49,7 @@ from medrpn.modeling.detector import LesionDetector
 from medrpn.training.lesion_map import LESION_MAP_LOSSES, LesionMapLoss, lesion_map_loss, lesion_map_targets
 from medrpn.training.losses import RPNLoss
 from medrpn.training.matching import AnchorMatcher, ATSSMatcher, IoUMatcher
-from medrpn.training.roi_targets import CentreRule, RoISampler, lesion_head_loss
+from medrpn.training.roi_targets import HEAD_BOX_LOSSES, CentreRule, HeadBoxLoss, RoISampler, lesion_head_loss
 from medrpn.training.sampling import BalancedSampler, HardNegativeSampler, Sampler
 
 
@@ -100,6 +100,8 @@ class HeadTrainingConfig:
         centre_rule: RoIs below ``positive_iou`` whose centre lies inside a lesion: ``"iou"`` (IoU decides),
             ``"ignore"`` (never background) or ``"positive"`` (positives of that lesion); see
             :class:`~medrpn.training.roi_targets.RoISampler`.
+        box_loss: ``"smooth_l1"`` on the encoded deltas (Faster R-CNN) or ``"giou"`` on the decoded boxes; see
+            :func:`~medrpn.training.roi_targets.lesion_head_loss`.
     """
 
     positive_iou: float = 0.5
@@ -109,6 +111,11 @@ class HeadTrainingConfig:
     class_weight: float = 1.0
     box_weight: float = 1.0
     centre_rule: CentreRule = "iou"
+    box_loss: HeadBoxLoss = "smooth_l1"
+
+    def __post_init__(self) -> None:
+        if self.box_loss not in HEAD_BOX_LOSSES:
+            raise ValueError(f"head_training.box_loss must be one of {HEAD_BOX_LOSSES}, got {self.box_loss!r}")
 
 
 @dataclass(frozen=True)
@@ -331,6 +338,7 @@ class LesionDetectionModule(pl.LightningModule):
                 deltas,
                 targets,
                 self.detector.head.box_coder,
+                box_loss=self.head_cfg.box_loss,
                 class_weight=self.head_cfg.class_weight,
                 box_weight=self.head_cfg.box_weight,
             )

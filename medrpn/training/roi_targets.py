@@ -17,7 +17,9 @@ target to regress to). ``"iou"`` is the plain IoU rule.
 Loss terms (named): ``loss_head_class`` — cross-entropy over ``C + 1`` classes (0 = background) on the
 sampled RoIs; ``loss_head_box`` — smooth L1 between the deltas predicted for the true class and the
 encoded ground truth, on positives, divided by the number of sampled RoIs (torchvision's
-``fastrcnn_loss``). Assignment runs without gradients.
+``fastrcnn_loss``), or with ``box_loss="giou"`` the sum of ``1 - GIoU`` between the decoded true-class box and
+the lesion box over the positives, with the same divisor (detectron2's ``box_reg_loss_type: giou``). Assignment runs
+without gradients.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from monai.apps.detection.utils.box_coder import BoxCoder
+from monai.data.box_utils import box_pair_giou
 from torch import Tensor
 
 from medrpn.modeling.structures import MatchResult, Proposals
@@ -36,6 +39,8 @@ from medrpn.training.matching import IoUMatcher
 from medrpn.training.sampling import BalancedSampler
 
 CentreRule = Literal["iou", "ignore", "positive"]
+HeadBoxLoss = Literal["smooth_l1", "giou"]
+HEAD_BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "giou")
 CENTRE_RULES: tuple[str, ...] = ("iou", "ignore", "positive")
 
 
@@ -179,6 +184,7 @@ def lesion_head_loss(
     targets: Sequence[RoITargets],
     coder: BoxCoder,
     *,
+    box_loss: HeadBoxLoss = "smooth_l1",
     smooth_l1_beta: float = 1.0 / 9.0,
     class_weight: float = 1.0,
     box_weight: float = 1.0,
@@ -190,13 +196,19 @@ def lesion_head_loss(
         deltas: ``(S, C, 2*D)``.
         targets: the per-image targets the RoIs came from.
         coder: the head's box coder.
+        box_loss: ``"smooth_l1"`` on the encoded deltas or ``"giou"`` on the decoded boxes (module docstring).
         smooth_l1_beta: smooth L1 transition point.
         class_weight: weight of ``loss_head_class``.
         box_weight: weight of ``loss_head_box``.
 
     Returns:
         :class:`HeadLossTerms`.
+
+    Raises:
+        ValueError: an unknown ``box_loss``.
     """
+    if box_loss not in HEAD_BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {HEAD_BOX_LOSSES}, got {box_loss!r}")
     classes = torch.cat([t.classes for t in targets])
     if classes.numel() == 0:
         zero = logits.sum() * 0.0
@@ -205,10 +217,14 @@ def lesion_head_loss(
     pos = torch.nonzero(classes > 0).squeeze(1)
     if pos.numel() == 0:
         return HeadLossTerms(class_weight * cls_loss, deltas.sum() * 0.0)
-    with torch.no_grad():
-        rois = torch.cat([t.rois for t in targets])
-        gts = torch.cat([t.gt_boxes for t in targets])
-        reg_target = coder.encode_single(gts[pos].float(), rois[pos].float())
+    rois = torch.cat([t.rois for t in targets])[pos].float()
+    gts = torch.cat([t.gt_boxes for t in targets])[pos].float()
     pred = deltas[pos, classes[pos] - 1].float()
-    box_loss = F.smooth_l1_loss(pred, reg_target, beta=smooth_l1_beta, reduction="sum") / classes.numel()
-    return HeadLossTerms(class_weight * cls_loss, box_weight * box_loss)
+    if box_loss == "smooth_l1":
+        with torch.no_grad():
+            reg_target = coder.encode_single(gts, rois)
+        box = F.smooth_l1_loss(pred, reg_target, beta=smooth_l1_beta, reduction="sum")
+    else:
+        giou = torch.as_tensor(box_pair_giou(coder.decode_single(pred, rois), gts))
+        box = (1.0 - giou).sum()
+    return HeadLossTerms(class_weight * cls_loss, box_weight * box / classes.numel())

@@ -56,6 +56,49 @@ def test_loss_hand_computed() -> None:
     assert set(loss.as_dict()) == {"loss_head_class", "loss_head_box"}
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_giou_box_loss_hand_computed(spatial_dims: int) -> None:
+    """One positive RoI, zero deltas: the decoded box is the RoI itself, so the loss is ``1 - GIoU(RoI, lesion)``.
+
+    Lesion ``[0, 10]^d``, RoI ``[0, 10] x [5, 15] x ...`` (shifted by half its extent on the last axis): IoU 1/3,
+    enclosing box = union, so GIoU = IoU and the summed loss is 2/3 over the sampled RoIs.
+    """
+    d = spatial_dims
+    head = LesionHead(spatial_dims=d, in_channels=4, num_classes=1)
+    gt = torch.tensor([[0.0] * d + [10.0] * d])
+    roi = [0.0] * (d - 1) + [5.0] + [10.0] * (d - 1) + [15.0]
+    sampler = RoISampler(positive_iou=0.3, rois_per_image=4, add_gt_as_proposals=False)
+    t = sampler([_props([roi, [50.0] * d + [60.0] * d])], [gt], [torch.tensor([0])])
+    assert sorted(t[0].classes.tolist()) == [0, 1]
+    n = len(t[0].rois)
+    logits = torch.zeros(n, 2)
+    deltas = torch.zeros(n, 1, 2 * d, requires_grad=True)
+    loss = lesion_head_loss(logits, deltas, t, head.box_coder, box_loss="giou")
+    assert math.isclose(float(loss.box), (2.0 / 3.0) / n, rel_tol=1e-5)
+    loss.box.backward()
+    assert deltas.grad is not None
+    pos = int(torch.nonzero(t[0].classes).squeeze())
+    # the gradient moves the positive's box towards the lesion (its last-axis centre down); the background RoI
+    # gets none
+    assert deltas.grad[pos, 0, d - 1] > 0 and deltas.grad[1 - pos].abs().sum() == 0
+    # smooth L1 and GIoU agree that a RoI equal to the lesion needs no correction
+    exact = sampler([_props([gt[0].tolist()])], [gt], [torch.tensor([0])])
+    m = len(exact[0].rois)
+    at_rest = lesion_head_loss(torch.zeros(m, 2), torch.zeros(m, 1, 2 * d), exact, head.box_coder, box_loss="giou")
+    assert float(at_rest.box) < 1e-6
+
+
+def test_head_box_loss_is_checked() -> None:
+    from medrpn.module import HeadTrainingConfig
+
+    with pytest.raises(ValueError, match="box_loss must be one of"):
+        HeadTrainingConfig(box_loss="l2")  # type: ignore[arg-type]
+    head = LesionHead(spatial_dims=2, in_channels=4, num_classes=1)
+    t = RoISampler()([_props([[0.0, 0.0, 5.0, 5.0]])], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
+    with pytest.raises(ValueError, match="box_loss must be one of"):
+        lesion_head_loss(torch.zeros(1, 2), torch.zeros(1, 1, 4), t, head.box_coder, box_loss="l2")  # type: ignore[arg-type]
+
+
 def _box(centre: list[float], half: list[float]) -> list[float]:
     return [c - h for c, h in zip(centre, half)] + [c + h for c, h in zip(centre, half)]
 
