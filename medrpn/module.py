@@ -47,9 +47,9 @@ from medrpn.geometry import image_to_world_boxes
 from medrpn.inference.whole_scan import ScanDetections, WholeScanConfig, detect_scan
 from medrpn.modeling.detector import LesionDetector
 from medrpn.training.lesion_map import LESION_MAP_LOSSES, LesionMapLoss, lesion_map_loss, lesion_map_targets
-from medrpn.training.losses import RPNLoss
+from medrpn.training.losses import BOX_LOSSES, BoxLoss, RPNLoss
 from medrpn.training.matching import AnchorMatcher, ATSSMatcher, IoUMatcher
-from medrpn.training.roi_targets import HEAD_BOX_LOSSES, CentreRule, HeadBoxLoss, RoISampler, lesion_head_loss
+from medrpn.training.roi_targets import CentreRule, RoISampler, lesion_head_loss
 from medrpn.training.sampling import BalancedSampler, HardNegativeSampler, Sampler
 
 
@@ -81,7 +81,7 @@ class RPNTrainingConfig:
     anchors_per_image: int = 256
     positive_fraction: float = 0.5
     hard_negatives: bool = False
-    box_loss: Literal["smooth_l1", "giou"] = "smooth_l1"
+    box_loss: BoxLoss = "smooth_l1"
     objectness_weight: float = 1.0
     box_weight: float = 1.0
 
@@ -111,11 +111,11 @@ class HeadTrainingConfig:
     class_weight: float = 1.0
     box_weight: float = 1.0
     centre_rule: CentreRule = "iou"
-    box_loss: HeadBoxLoss = "smooth_l1"
+    box_loss: BoxLoss = "smooth_l1"
 
     def __post_init__(self) -> None:
-        if self.box_loss not in HEAD_BOX_LOSSES:
-            raise ValueError(f"head_training.box_loss must be one of {HEAD_BOX_LOSSES}, got {self.box_loss!r}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ValueError(f"head_training.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from medrpn.training.matching import AnchorMatcher, IoUMatcher
 from medrpn.training.sampling import BalancedSampler, Sampler
 
 BoxLoss = Literal["smooth_l1", "giou"]
+BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "giou")
 
 
 @dataclass
@@ -126,8 +127,8 @@ class RPNLoss:
         objectness_weight: float = 1.0,
         box_weight: float = 1.0,
     ) -> None:
-        if box_loss not in ("smooth_l1", "giou"):
-            raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', got {box_loss!r}")
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
         self.matcher: AnchorMatcher = matcher if matcher is not None else IoUMatcher()
         self.sampler: Sampler = sampler if sampler is not None else BalancedSampler()
         self.box_loss = box_loss

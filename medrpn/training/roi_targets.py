@@ -35,12 +35,11 @@ from monai.data.box_utils import box_pair_giou
 from torch import Tensor
 
 from medrpn.modeling.structures import MatchResult, Proposals
+from medrpn.training.losses import BOX_LOSSES, BoxLoss
 from medrpn.training.matching import IoUMatcher
 from medrpn.training.sampling import BalancedSampler
 
 CentreRule = Literal["iou", "ignore", "positive"]
-HeadBoxLoss = Literal["smooth_l1", "giou"]
-HEAD_BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "giou")
 CENTRE_RULES: tuple[str, ...] = ("iou", "ignore", "positive")
 
 
@@ -184,7 +183,7 @@ def lesion_head_loss(
     targets: Sequence[RoITargets],
     coder: BoxCoder,
     *,
-    box_loss: HeadBoxLoss = "smooth_l1",
+    box_loss: BoxLoss = "smooth_l1",
     smooth_l1_beta: float = 1.0 / 9.0,
     class_weight: float = 1.0,
     box_weight: float = 1.0,
@@ -207,8 +206,8 @@ def lesion_head_loss(
     Raises:
         ValueError: an unknown ``box_loss``.
     """
-    if box_loss not in HEAD_BOX_LOSSES:
-        raise ValueError(f"box_loss must be one of {HEAD_BOX_LOSSES}, got {box_loss!r}")
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
     classes = torch.cat([t.classes for t in targets])
     if classes.numel() == 0:
         zero = logits.sum() * 0.0

@@ -50,7 +50,7 @@ def test_lr_factor_bounded_and_decreasing_after_warmup(p: float, q: float, warmu
     "kwargs",
     [{"warmup_fraction": 1.0}, {"warmup_fraction": -0.1}, {"final_lr_fraction": 1.5}, {"validation_reserve": 0.9}],
 )
-def test_bad_arguments_are_refused(kwargs: dict[str, float]) -> None:
+def test_bad_arguments_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         TrainingBudget(**kwargs)
 
