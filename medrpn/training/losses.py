@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from medrpn.training.matching import AnchorMatcher, IoUMatcher
 from medrpn.training.sampling import BalancedSampler, Sampler
 
 BoxLoss = Literal["smooth_l1", "giou"]
-BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "giou")
+BOX_LOSSES: tuple[str, ...] = get_args(BoxLoss)  # the accepted values, for run-time checks of config input
 
 
 @dataclass
